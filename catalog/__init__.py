@@ -1,0 +1,1 @@
+"""The system of record: settings, database access, ORM models, queue SQL and importers."""

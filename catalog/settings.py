@@ -1,0 +1,98 @@
+"""Every Shelver setting, read from the environment (prefix ``SHELVER_``) in one place.
+
+The README's settings table is generated from the field descriptions here, so a
+setting is documented exactly once.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHELVER_", env_file=None, extra="ignore")
+
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL, e.g. postgresql://postgres@127.0.0.1:5432/shelver. "
+        "Unset: `shelver demo` starts an embedded server.",
+    )
+    broker_url: str | None = Field(
+        None, description="Redis URL of the Celery broker, e.g. redis://127.0.0.1:6379/0."
+    )
+    model_dir: Path = Field(
+        Path("var/models"), description="Where exported encoders and their manifest live."
+    )
+    data_dir: Path = Field(
+        Path("var/data"), description="Data directory of embedded servers and run reports."
+    )
+    image_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories local images may be read from (JSON list). Files outside "
+        "them are refused. Empty: only the current directory.",
+    )
+    allow_url_fetch: bool = Field(False, description="Fetch http(s) image URLs at all.")
+    url_allowlist: list[str] = Field(
+        default_factory=list, description="Hosts image URLs may be fetched from (JSON list)."
+    )
+    fetch_timeout_s: float = Field(5.0, description="Timeout of one image fetch.")
+    max_image_bytes: int = Field(20_000_000, description="Largest image file or download.")
+    max_image_pixels: int = Field(40_000_000, description="Decompression-bomb limit.")
+    batch_size: int = Field(32, description="Products per classify task.")
+    batch_wait_ms: int = Field(
+        200, description="How long the dispatcher waits to fill a micro-batch."
+    )
+    lease_seconds: int = Field(
+        300, description="A claimed queue row not finished within this is claimed again."
+    )
+    poll_seconds: float = Field(
+        2.0, description="Dispatcher's polling interval when no NOTIFY arrives."
+    )
+    max_attempts: int = Field(5, description="Attempts before a row ends as `failed`.")
+    retry_backoff_s: float = Field(
+        2.0, description="Base of the exponential retry backoff, in seconds."
+    )
+    target_precision: float = Field(
+        0.97, description="Precision the auto-accept threshold is chosen for."
+    )
+    model_poll_seconds: float = Field(
+        5.0, description="How often workers look for a new champion."
+    )
+    retrain_cron: str = Field("0 3 * * *", description="When `shelver beat` considers retraining.")
+    retrain_min_new_labels: int = Field(
+        100, description="Labels added or changed since the last run needed to retrain."
+    )
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise SettingsError(
+                "SHELVER_DATABASE_URL is not set. Point it at PostgreSQL, e.g. "
+                "export SHELVER_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/shelver"
+            )
+        return self.database_url
+
+    def require_broker_url(self) -> str:
+        if not self.broker_url:
+            raise SettingsError(
+                "SHELVER_BROKER_URL is not set. Point it at Redis, e.g. "
+                "export SHELVER_BROKER_URL=redis://127.0.0.1:6379/0"
+            )
+        return self.broker_url
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or invalid; the message says which and how to set it."""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings, so the next call re-reads the environment."""
+    get_settings.cache_clear()
