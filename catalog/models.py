@@ -34,6 +34,10 @@ class Base(DeclarativeBase):
     pass
 
 
+def _now_column() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Category(Base):
     __tablename__ = "categories"
 
@@ -60,8 +64,8 @@ class Product(Base):
     classified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
     content_hash: Mapped[str] = mapped_column(Text, Computed(CONTENT_HASH_SQL, persisted=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
 
 
 class Prediction(Base):
@@ -74,7 +78,7 @@ class Prediction(Base):
     predicted_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id"))
     confidence: Mapped[float | None] = mapped_column(Float)
     top_k: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    created_at: Mapped[datetime] = _now_column()
 
 
 class Embedding(Base):
@@ -88,7 +92,7 @@ class Embedding(Base):
     dim: Mapped[int] = mapped_column(Integer)
     # float32, little-endian: 1.5 KB for a 384-d text vector, no pickling.
     vector: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    created_at: Mapped[datetime] = _now_column()
 
 
 class QueueEntry(Base):
@@ -100,8 +104,8 @@ class QueueEntry(Base):
     )
     reason: Mapped[str] = mapped_column(Text)
     backfill_id: Mapped[int | None] = mapped_column(ForeignKey("backfill_runs.id"))
-    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    enqueued_at: Mapped[datetime] = _now_column()
+    not_before: Mapped[datetime] = _now_column()
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -120,7 +124,7 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
     threshold: Mapped[float] = mapped_column(Float)
     training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    created_at: Mapped[datetime] = _now_column()
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -137,7 +141,7 @@ class TrainingRun(Base):
     # retraining counts labels after it.
     label_watermark: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime] = _now_column()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -150,5 +154,5 @@ class BackfillRun(Base):
     total: Mapped[int] = mapped_column(Integer, server_default="0")
     enqueued: Mapped[int] = mapped_column(Integer, server_default="0")
     last_product_id: Mapped[int] = mapped_column(BigInteger, server_default="0")
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime] = _now_column()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -59,21 +59,20 @@ class Settings(BaseSettings):
     target_precision: float = Field(
         0.97, description="Precision the auto-accept threshold is chosen for."
     )
-    model_poll_seconds: float = Field(
-        5.0, description="How often workers look for a new champion."
-    )
+    model_poll_seconds: float = Field(5.0, description="How often workers look for a new champion.")
     retrain_cron: str = Field("0 3 * * *", description="When `shelver beat` considers retraining.")
     retrain_min_new_labels: int = Field(
         100, description="Labels added or changed since the last run needed to retrain."
     )
 
     def require_database_url(self) -> str:
+        """The database URL in SQLAlchemy form, with the psycopg2 driver made explicit."""
         if not self.database_url:
             raise SettingsError(
                 "SHELVER_DATABASE_URL is not set. Point it at PostgreSQL, e.g. "
                 "export SHELVER_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/shelver"
             )
-        return self.database_url
+        return sqlalchemy_url(self.database_url)
 
     def require_broker_url(self) -> str:
         if not self.broker_url:
@@ -82,6 +81,19 @@ class Settings(BaseSettings):
                 "export SHELVER_BROKER_URL=redis://127.0.0.1:6379/0"
             )
         return self.broker_url
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; Shelver ships psycopg2."""
+    for plain in ("postgres://", "postgresql://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg2://" + url[len(plain) :]
+    return url
+
+
+def libpq_url(url: str) -> str:
+    """The same URL as libpq (psql, psycopg2.connect) spells it."""
+    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
 
 
 class SettingsError(RuntimeError):

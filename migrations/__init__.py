@@ -1,0 +1,1 @@
+"""Alembic migrations of the catalog schema, trigger and queue DDL included."""
