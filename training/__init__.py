@@ -1,1 +1,1 @@
-"""Training: datasets from the catalog, the Keras fusion model, evaluation, ONNX export and the registry gate."""
+"""Training: catalog datasets, the Keras fusion model, evaluation, ONNX export, the registry."""
