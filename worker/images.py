@@ -1,0 +1,271 @@
+"""Safe loading of product images: confinement to image roots, opt-in URL fetching, size and
+decompression-bomb limits, and normalization of every decodable image to upright RGB.
+
+Anything that cannot be loaded raises ImageRejected with a short machine-readable reason; the
+worker then classifies the product from its text alone and records the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+# Formats a product photo plausibly comes in. Pillow can open more (EPS, for one, shells out to
+# Ghostscript), and a hostile upload should not get to choose the decoder.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+# Where transparency is flattened onto: product shots are shown on white.
+BACKGROUND = (255, 255, 255)
+
+REASONS = (
+    "invalid_uri",
+    "unsupported_scheme",
+    "outside_root",
+    "not_found",
+    "not_a_file",
+    "unreadable",
+    "too_large",
+    "empty",
+    "url_fetch_disabled",
+    "host_not_allowed",
+    "fetch_failed",
+    "http_error",
+    "not_an_image",
+    "decompression_bomb",
+    "truncated",
+    "corrupt",
+    "unsupported_mode",
+)
+
+
+class ImageSettings(Protocol):
+    """The part of catalog.settings.Settings this module reads."""
+
+    image_roots: list[Path]
+    allow_url_fetch: bool
+    url_allowlist: list[str]
+    fetch_timeout_s: float
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+class ImageRejected(Exception):
+    """An image that will not be used; ``reason`` is one of REASONS, the message is for people."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+def load_image(uri: str, settings: ImageSettings) -> Image.Image:
+    """Load the image at ``uri`` (a path, file:// or, if allowed, http(s) URL) as RGB."""
+    data = read_image_bytes(uri, settings)
+    return decode_image(data, settings.max_image_pixels)
+
+
+def read_image_bytes(uri: str, settings: ImageSettings) -> bytes:
+    uri = (uri or "").strip()
+    if not uri or "\x00" in uri:
+        raise ImageRejected("invalid_uri", f"not a usable image reference: {uri!r}")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        return _fetch_url(uri, settings)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ImageRejected("invalid_uri", f"file URI on another host: {uri}")
+        return _read_local(Path(unquote(parts.path)), settings)
+    # A one-letter "scheme" is a Windows drive, anything else is a protocol we do not speak.
+    if scheme and len(scheme) > 1:
+        raise ImageRejected("unsupported_scheme", f"cannot load {scheme}:// image URIs")
+    return _read_local(Path(uri), settings)
+
+
+def _roots(settings: ImageSettings) -> list[Path]:
+    roots = settings.image_roots or [Path.cwd()]
+    return [Path(root).resolve() for root in roots]
+
+
+def resolve_local(path: Path, settings: ImageSettings) -> Path:
+    """The real path of ``path`` if it lies inside an image root, symlinks followed."""
+    roots = _roots(settings)
+    # resolve() follows every symlink, so "../" and a link pointing out of the root are judged by
+    # where they really lead, not by how the path is spelled.
+    candidates = [(path if path.is_absolute() else root / path).resolve() for root in roots]
+    inside = [
+        candidate
+        for candidate in candidates
+        if any(candidate.is_relative_to(root) for root in roots)
+    ]
+    if not inside:
+        raise ImageRejected("outside_root", f"{path} is outside the configured image roots")
+    for candidate in inside:
+        if candidate.exists():
+            return candidate
+    raise ImageRejected("not_found", f"no image file at {path}")
+
+
+def _read_local(path: Path, settings: ImageSettings) -> bytes:
+    real = resolve_local(path, settings)
+    try:
+        # O_NOFOLLOW: the checked path must not be swapped for a link between check and open.
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise ImageRejected("not_found", f"no image file at {path}") from exc
+    except OSError as exc:
+        raise ImageRejected("unreadable", f"cannot open {path}: {exc.strerror}") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ImageRejected("not_a_file", f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        if info.st_size > settings.max_image_bytes:
+            raise ImageRejected(
+                "too_large", f"{path} has {info.st_size} bytes, limit {settings.max_image_bytes}"
+            )
+        # Read one byte past the limit: a file that grew since fstat is still caught.
+        data = fh.read(settings.max_image_bytes + 1)
+    if len(data) > settings.max_image_bytes:
+        raise ImageRejected("too_large", f"{path} exceeds {settings.max_image_bytes} bytes")
+    if not data:
+        raise ImageRejected("empty", f"{path} is an empty file")
+    return data
+
+
+def _host_allowed(host: str | None, settings: ImageSettings) -> bool:
+    allowed = {h.strip().lower().rstrip(".") for h in settings.url_allowlist}
+    return bool(host) and host.lower().rstrip(".") in allowed
+
+
+class _AllowlistRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to an allowlisted http(s) host, or the allowlist means nothing."""
+
+    def __init__(self, settings: ImageSettings) -> None:
+        self.settings = settings
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        target = urlsplit(newurl)
+        if target.scheme not in ("http", "https") or not _host_allowed(
+            target.hostname, self.settings
+        ):
+            raise ImageRejected("host_not_allowed", f"redirect to {newurl} is not allowed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch_url(url: str, settings: ImageSettings) -> bytes:
+    if not settings.allow_url_fetch:
+        raise ImageRejected(
+            "url_fetch_disabled",
+            f"not fetching {url}: URL fetching is off (set SHELVER_ALLOW_URL_FETCH=true and "
+            "SHELVER_URL_ALLOWLIST to enable it)",
+        )
+    host = urlsplit(url).hostname
+    if not _host_allowed(host, settings):
+        raise ImageRejected(
+            "host_not_allowed", f"host {host!r} is not in SHELVER_URL_ALLOWLIST; not fetching {url}"
+        )
+    opener = urllib.request.build_opener(_AllowlistRedirects(settings))
+    request = urllib.request.Request(url, headers={"User-Agent": "shelver-image-fetch"})
+    limit = settings.max_image_bytes
+    try:
+        with opener.open(request, timeout=settings.fetch_timeout_s) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise ImageRejected("too_large", f"{url} declares {declared} bytes, limit {limit}")
+            data = response.read(limit + 1)
+    except ImageRejected:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise ImageRejected("http_error", f"{url} answered HTTP {exc.code}") from exc
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+        raise ImageRejected("fetch_failed", f"cannot fetch {url}: {exc}") from exc
+    if len(data) > limit:
+        raise ImageRejected("too_large", f"{url} sent more than {limit} bytes")
+    if not data:
+        raise ImageRejected("empty", f"{url} sent an empty body")
+    return data
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode bytes into an upright RGB image, refusing bombs, truncation and non-images."""
+    if not data:
+        raise ImageRejected("empty", "no image bytes")
+    with warnings.catch_warnings():
+        # Pillow only warns below twice its own limit; make that an error like ours.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            # Checked on the header, before a single pixel is decompressed.
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    "decompression_bomb",
+                    f"{width}x{height} is {width * height} pixels, limit {max_pixels}",
+                )
+            if width < 1 or height < 1:
+                raise ImageRejected("corrupt", f"image has no pixels ({width}x{height})")
+            # Animated images: the first frame is the product shot; only it is decoded.
+            image.seek(0)
+            image.load()
+        except ImageRejected:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected("decompression_bomb", str(exc)) from exc
+        except UnidentifiedImageError as exc:
+            raise ImageRejected("not_an_image", "bytes are not a supported image format") from exc
+        except EOFError as exc:
+            raise ImageRejected("truncated", "image data ends early") from exc
+        except OSError as exc:
+            reason = "truncated" if "truncated" in str(exc) else "corrupt"
+            raise ImageRejected(reason, f"cannot decode image: {exc}") from exc
+        except (SyntaxError, ValueError, TypeError, IndexError, MemoryError) as exc:
+            # Pillow's plugins signal malformed headers with all of these.
+            raise ImageRejected("corrupt", f"cannot decode image: {exc}") from exc
+    return to_rgb(_upright(image))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as exc:  # a broken EXIF block should not cost us a good photo
+        log.debug("ignoring unusable EXIF orientation: %s", exc)
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any decoded mode to 8-bit RGB, flattening transparency onto white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # Pillow's own conversion clips these at 255, turning most 16-bit photos white.
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
+        eight_bit = np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
+    if mode == "P" and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageRejected("unsupported_mode", f"cannot convert {mode} to RGB") from exc
