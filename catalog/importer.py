@@ -1,0 +1,312 @@
+"""Imports products from the shared CSV schema or Best Buy's open-data ``products.json``.
+
+Rows are validated one by one: a bad row is reported with its line number and
+skipped, and every good row lands. Upserts go by sku; the products trigger
+queues new and changed rows, so the importer never touches the queue.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("id", "name", "description", "category", "image", "source")
+# Far above any real product, low enough that one row cannot bloat a batch.
+FIELD_LIMITS = {"sku": 200, "name": 2_000, "description": 200_000, "category": 300, "image": 4_000}
+CHUNK_ROWS = 2_000
+# What surrogateescape turns undecodable bytes into.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+class ImportFormatError(ValueError):
+    """The file as a whole cannot be read (wrong header, not JSON, unknown format)."""
+
+
+@dataclass(frozen=True)
+class ProductRow:
+    line: int
+    sku: str
+    name: str
+    description: str
+    category: str | None
+    image_uri: str | None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    line: int
+    reason: str
+
+
+@dataclass
+class ImportReport:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    categories_created: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def _resolve_image(value: str, base: Path) -> str | None:
+    value = value.strip()
+    if not value:
+        return None
+    if "://" in value:
+        return value
+    path = Path(value)
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _check(row: ProductRow) -> str | None:
+    """Why the row cannot be imported, or None when it can."""
+    values = {
+        "sku": row.sku,
+        "name": row.name,
+        "description": row.description,
+        "category": row.category or "",
+        "image": row.image_uri or "",
+    }
+    for column, value in values.items():
+        if _UNDECODABLE.search(value):
+            return f"invalid UTF-8 in {column}"
+        if "\x00" in value:
+            return f"NUL byte in {column}"
+        if len(value) > FIELD_LIMITS[column]:
+            return f"{column} is {len(value)} characters long (limit {FIELD_LIMITS[column]})"
+    if not row.sku.strip():
+        return "no id"
+    if not row.name.strip():
+        return "no name"
+    return None
+
+
+def read_csv(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejection]:
+    # Undecodable bytes become lone surrogates, so one bad row is reported
+    # instead of the whole file failing to decode.
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as exc:
+        raise ImportFormatError(f"{path}: no CSV header") from exc
+    missing = [c for c in ("id", "name") if c not in header]
+    if missing:
+        raise ImportFormatError(
+            f"{path}: header lacks {', '.join(missing)}; expected columns {', '.join(CSV_COLUMNS)}"
+        )
+    index = {name: i for i, name in enumerate(header)}
+    base = path.resolve().parent
+    line = reader.line_num + 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield Rejection(line, f"broken quoting: {exc}")
+            line = reader.line_num + 1
+            continue
+        start, line = line, reader.line_num + 1
+        if not values:
+            continue
+        if len(values) != len(header):
+            yield Rejection(start, f"expected {len(header)} fields, found {len(values)}")
+            continue
+
+        def get(column: str, row: list[str] = values) -> str:
+            return row[index[column]] if column in index else ""
+
+        yield ProductRow(
+            line=start,
+            sku=get("id").strip(),
+            name=get("name").strip(),
+            description=get("description").strip(),
+            category=(get("category").strip() or None) if labeled else None,
+            image_uri=_resolve_image(get("image"), base),
+        )
+
+
+def read_bestbuy_json(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejection]:
+    """Best Buy open data: a JSON array of products (or {"products": [...]}).
+
+    The label is the first entry of ``categoryPath`` (older dumps call it
+    ``category``). Line numbers are the product's position in the array,
+    since JSON products do not map to lines.
+    """
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8", errors="surrogateescape"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ImportFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if isinstance(data, dict):
+        data = data.get("products")
+    if not isinstance(data, list):
+        raise ImportFormatError(f"{path}: expected a JSON array of products")
+    base = path.resolve().parent
+    for position, item in enumerate(data, start=1):
+        if not isinstance(item, dict):
+            yield Rejection(position, "not a JSON object")
+            continue
+        path_entries = item.get("categoryPath") or item.get("category") or []
+        category = None
+        if labeled and isinstance(path_entries, list) and path_entries:
+            first = path_entries[0]
+            category = (first.get("name") if isinstance(first, dict) else str(first)) or None
+        description = next(
+            (
+                str(item[k])
+                for k in ("description", "shortDescription", "longDescription")
+                if item.get(k)
+            ),
+            "",
+        )
+        image = item.get("image") or ""
+        yield ProductRow(
+            line=position,
+            sku=str(item.get("sku") or "").strip(),
+            name=str(item.get("name") or "").strip(),
+            description=description.strip(),
+            category=category.strip() if category else None,
+            image_uri=_resolve_image(str(image), base),
+        )
+
+
+def read_products(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejection]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix.lower() == ".json":
+        return read_bestbuy_json(path, labeled=labeled)
+    if path.suffix.lower() in (".csv", ".txt"):
+        return read_csv(path, labeled=labeled)
+    raise ImportFormatError(f"{path}: unknown format; give a .csv (shared schema) or a .json")
+
+
+def valid_rows(
+    rows: Iterator[ProductRow | Rejection], report: ImportReport
+) -> Iterator[ProductRow]:
+    """Drop and report bad rows, including a sku repeated within the file."""
+    first_line: dict[str, int] = {}
+    for row in rows:
+        if isinstance(row, Rejection):
+            report.rejected.append(row)
+            continue
+        reason = _check(row)
+        if reason is None and row.sku in first_line:
+            reason = f"id {row.sku!r} repeats line {first_line[row.sku]}"
+        if reason:
+            report.rejected.append(Rejection(row.line, reason))
+            continue
+        first_line[row.sku] = row.line
+        yield row
+
+
+# Upsert by sku. The WHERE clause makes an unchanged row a no-op, so it fires
+# no trigger work and is counted as unchanged. A label a person gave in review
+# is not overwritten by an import.
+UPSERT_SQL = """
+INSERT INTO products AS p (sku, name, description, image_uri, label_id, label_source)
+VALUES %s
+ON CONFLICT (sku) DO UPDATE SET
+    name = EXCLUDED.name,
+    description = EXCLUDED.description,
+    image_uri = EXCLUDED.image_uri,
+    label_id = CASE WHEN p.label_source = 'review' OR EXCLUDED.label_source IS NULL
+                    THEN p.label_id ELSE EXCLUDED.label_id END,
+    label_source = CASE WHEN p.label_source = 'review' OR EXCLUDED.label_source IS NULL
+                        THEN p.label_source ELSE EXCLUDED.label_source END
+WHERE (p.name, p.description, p.image_uri) IS DISTINCT FROM
+      (EXCLUDED.name, EXCLUDED.description, EXCLUDED.image_uri)
+   OR (EXCLUDED.label_source IS NOT NULL AND p.label_source IS DISTINCT FROM 'review'
+       AND (p.label_id, p.label_source) IS DISTINCT FROM (EXCLUDED.label_id, EXCLUDED.label_source))
+RETURNING (xmax = 0) AS inserted
+"""
+
+
+def _ensure_categories(cur, names: set[str]) -> tuple[dict[str, int], int]:
+    cur.execute(
+        "INSERT INTO categories (name) SELECT unnest(%s::text[]) ON CONFLICT (name) DO NOTHING",
+        (sorted(names),),
+    )
+    created = cur.rowcount
+    cur.execute("SELECT name, id FROM categories WHERE name = ANY(%s)", (sorted(names),))
+    return dict(cur.fetchall()), created
+
+
+def _write_chunk(engine: Engine, chunk: list[ProductRow], report: ImportReport) -> None:
+    from psycopg2.extras import execute_values
+
+    raw = engine.raw_connection()
+    try:
+        with raw.cursor() as cur:
+            names = {r.category for r in chunk if r.category}
+            category_ids, created = _ensure_categories(cur, names) if names else ({}, 0)
+            values = [
+                (
+                    r.sku,
+                    r.name,
+                    r.description,
+                    r.image_uri,
+                    category_ids.get(r.category) if r.category else None,
+                    "import" if r.category else None,
+                )
+                for r in chunk
+            ]
+            results = execute_values(cur, UPSERT_SQL, values, page_size=len(values), fetch=True)
+        raw.commit()
+    except BaseException:
+        raw.rollback()
+        raise
+    finally:
+        raw.close()
+    inserted = sum(1 for (was_insert,) in results if was_insert)
+    report.inserted += inserted
+    report.updated += len(results) - inserted
+    report.unchanged += len(chunk) - len(results)
+    report.categories_created += created
+
+
+def import_file(
+    engine: Engine, path: Path, *, labeled: bool = True, progress: bool = False
+) -> ImportReport:
+    """Import ``path``; each chunk of rows commits on its own, so workers start early."""
+    report = ImportReport()
+    rows = valid_rows(read_products(path, labeled=labeled), report)
+    with _progress(progress, path) as advance:
+        chunk: list[ProductRow] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= CHUNK_ROWS:
+                _write_chunk(engine, chunk, report)
+                advance(len(chunk))
+                chunk = []
+        if chunk:
+            _write_chunk(engine, chunk, report)
+            advance(len(chunk))
+    log.info(
+        "imported %s: %d inserted, %d updated, %d unchanged, %d rejected",
+        path, report.inserted, report.updated, report.unchanged, len(report.rejected),
+    )  # fmt: skip
+    return report
+
+
+@contextmanager
+def _progress(enabled: bool, path: Path) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr when asked for, else a no-op."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task(f"importing {path.name}", total=None)
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,62 @@
+"""What ``shelver status`` reports: products by status, the queue, and the champion model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from catalog.models import PRODUCT_STATUSES
+
+
+def catalog_status(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        counts = dict(
+            conn.execute(text("SELECT status, count(*) FROM products GROUP BY status")).all()
+        )
+        queue = conn.execute(
+            text(
+                """
+                SELECT count(*), count(claimed_at),
+                       extract(epoch FROM now() - min(enqueued_at)),
+                       count(*) FILTER (WHERE backfill_id IS NOT NULL),
+                       count(*) FILTER (WHERE attempts > 0 AND claimed_at IS NULL)
+                FROM classification_queue
+                """
+            )
+        ).one()
+        oldest_pending = conn.execute(
+            text(
+                "SELECT extract(epoch FROM now() - min(updated_at)) FROM products "
+                "WHERE status = 'pending'"
+            )
+        ).scalar()
+        champion = conn.execute(
+            text(
+                """
+                SELECT version, promoted_at, threshold, metrics -> 'test' ->> 'macro_f1'
+                FROM model_versions WHERE status = 'champion'
+                """
+            )
+        ).one_or_none()
+    return {
+        "products": {s: counts.get(s, 0) for s in PRODUCT_STATUSES},
+        "queue": {
+            "depth": queue[0],
+            "claimed": queue[1],
+            "oldest_enqueued_age_s": float(queue[2]) if queue[2] is not None else None,
+            "oldest_pending_age_s": float(oldest_pending) if oldest_pending is not None else None,
+            "backfill": queue[3],
+            "retrying": queue[4],
+        },
+        "champion": (
+            {
+                "version": champion[0],
+                "promoted_at": champion[1],
+                "threshold": champion[2],
+                "macro_f1": float(champion[3]) if champion[3] is not None else None,
+            }
+            if champion
+            else None
+        ),
+    }
