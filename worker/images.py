@@ -14,8 +14,9 @@ import stat
 import urllib.error
 import urllib.request
 import warnings
+from email.message import Message
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -160,7 +161,15 @@ class _AllowlistRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, settings: ImageSettings) -> None:
         self.settings = settings
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Message,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         target = urlsplit(newurl)
         if target.scheme not in ("http", "https") or not _host_allowed(
             target.hostname, self.settings
