@@ -13,5 +13,5 @@ FROM base AS worker
 RUN pip install ".[worker]"
 
 FROM base AS train
-RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
-    && pip install ".[train,export]"
+# torch is only needed by `shelver encoders export`; prefer its CPU build.
+RUN pip install ".[train,export]"
