@@ -1,0 +1,107 @@
+"""Turns product rows into fusion-model inputs, through the embedding cache.
+
+The classify task, backfill and training all call ``embed_products``, so a
+product is encoded the same way everywhere and at most once per encoder and
+content hash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from catalog.embeddings import CachedEmbedding, Executor, get_cached
+from worker.encoders import ImageEncoder, TextEncoder, product_text
+from worker.images import ImageRejected, ImageSettings, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProductInput:
+    product_id: int
+    content_hash: str
+    name: str
+    description: str | None
+    image_uri: str | None
+
+
+@dataclass
+class Features:
+    """Model inputs in the order of the products given, plus what to write to the cache."""
+
+    texts: list[str]
+    text_emb: np.ndarray
+    image_emb: np.ndarray
+    image_present: np.ndarray
+    # product id -> "reason: message" for images that were given but not usable
+    image_errors: dict[int, str] = field(default_factory=dict)
+    new_text: list[CachedEmbedding] = field(default_factory=list)
+    new_image: list[CachedEmbedding] = field(default_factory=list)
+
+
+def embed_products(
+    db: Executor,
+    products: Sequence[ProductInput],
+    text_encoder: TextEncoder,
+    image_encoder: ImageEncoder,
+    image_settings: ImageSettings,
+) -> Features:
+    """Cached vectors where the content hash matches; the rest encoded in batches.
+
+    Nothing is written here: the caller stores ``new_text`` and ``new_image``
+    in its own transaction (the worker in the one that writes results).
+    """
+    keys = [(p.product_id, p.content_hash) for p in products]
+    texts = [product_text(p.name, p.description) for p in products]
+
+    text_emb = np.zeros((len(products), text_encoder.dim), dtype=np.float32)
+    cached = get_cached(db, text_encoder.identity, keys)
+    missing = [i for i, p in enumerate(products) if p.product_id not in cached]
+    for i, p in enumerate(products):
+        if p.product_id in cached:
+            text_emb[i] = cached[p.product_id]
+    new_text: list[CachedEmbedding] = []
+    if missing:
+        vectors = text_encoder.encode([texts[i] for i in missing])
+        text_emb[missing] = vectors
+        new_text = [
+            CachedEmbedding(products[i].product_id, products[i].content_hash, v)
+            for i, v in zip(missing, vectors, strict=True)
+        ]
+
+    image_emb = np.zeros((len(products), image_encoder.dim), dtype=np.float32)
+    present = np.zeros(len(products), dtype=np.float32)
+    with_image = [i for i, p in enumerate(products) if p.image_uri]
+    cached = get_cached(db, image_encoder.identity, [keys[i] for i in with_image])
+    to_load: list[int] = []
+    for i in with_image:
+        vector = cached.get(products[i].product_id)
+        if vector is None:
+            to_load.append(i)
+        else:
+            image_emb[i], present[i] = vector, 1.0
+    errors: dict[int, str] = {}
+    loaded_rows: list[int] = []
+    loaded_images = []
+    for i in to_load:
+        try:
+            loaded_images.append(load_image(products[i].image_uri or "", image_settings))
+            loaded_rows.append(i)
+        except ImageRejected as exc:
+            errors[products[i].product_id] = str(exc)
+    new_image: list[CachedEmbedding] = []
+    if loaded_images:
+        vectors = image_encoder.encode(loaded_images)
+        image_emb[loaded_rows] = vectors
+        present[loaded_rows] = 1.0
+        new_image = [
+            CachedEmbedding(products[i].product_id, products[i].content_hash, v)
+            for i, v in zip(loaded_rows, vectors, strict=True)
+        ]
+    if errors:
+        log.info("%d of %d images unusable; those rows use text alone", len(errors), len(products))
+    return Features(texts, text_emb, image_emb, present, errors, new_text, new_image)
