@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     target_precision: float = Field(
         0.97, description="Precision the auto-accept threshold is chosen for."
     )
+    promote_min_improvement: float = Field(
+        0.005, description="Macro-F1 gain over the champion a candidate needs to be promoted."
+    )
+    promote_max_class_drop: float = Field(
+        0.05, description="Largest per-class F1 drop a promoted candidate may have."
+    )
     model_poll_seconds: float = Field(5.0, description="How often workers look for a new champion.")
     retrain_cron: str = Field("0 3 * * *", description="When `shelver beat` considers retraining.")
     retrain_min_new_labels: int = Field(

@@ -44,7 +44,7 @@ class Features:
 
 
 def embed_products(
-    db: Executor,
+    db: Executor | None,
     products: Sequence[ProductInput],
     text_encoder: TextEncoder,
     image_encoder: ImageEncoder,
@@ -53,13 +53,14 @@ def embed_products(
     """Cached vectors where the content hash matches; the rest encoded in batches.
 
     Nothing is written here: the caller stores ``new_text`` and ``new_image``
-    in its own transaction (the worker in the one that writes results).
+    in its own transaction (the worker in the one that writes results). With
+    ``db`` None (rows not in the catalog) the cache is skipped.
     """
     keys = [(p.product_id, p.content_hash) for p in products]
     texts = [product_text(p.name, p.description) for p in products]
 
     text_emb = np.zeros((len(products), text_encoder.dim), dtype=np.float32)
-    cached = get_cached(db, text_encoder.identity, keys)
+    cached = get_cached(db, text_encoder.identity, keys) if db is not None else {}
     missing = [i for i, p in enumerate(products) if p.product_id not in cached]
     for i, p in enumerate(products):
         if p.product_id in cached:
@@ -76,7 +77,8 @@ def embed_products(
     image_emb = np.zeros((len(products), image_encoder.dim), dtype=np.float32)
     present = np.zeros(len(products), dtype=np.float32)
     with_image = [i for i, p in enumerate(products) if p.image_uri]
-    cached = get_cached(db, image_encoder.identity, [keys[i] for i in with_image])
+    image_keys = [keys[i] for i in with_image]
+    cached = get_cached(db, image_encoder.identity, image_keys) if db is not None else {}
     to_load: list[int] = []
     for i in with_image:
         vector = cached.get(products[i].product_id)

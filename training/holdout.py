@@ -1,0 +1,105 @@
+"""Scoring a packaged model on labeled rows it may not fully know.
+
+The gate compares champion and candidate with this, and ``shelver evaluate``
+reports it. A row whose category the model has never seen cannot be right:
+it counts as an error, its class scores F1 0, and it is also listed apart.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import precision_recall_fscore_support
+from sqlalchemy import Engine
+
+from catalog.importer import ImportReport, ProductRow, read_products, valid_rows
+from catalog.settings import Settings
+from worker.encoders import load_encoders
+from worker.featurize import ProductInput, embed_products
+from worker.fusion import FusionModel
+
+
+def score_predictions(
+    y_true: Sequence[str], probs: np.ndarray, model_labels: Sequence[str], threshold: float
+) -> dict[str, Any]:
+    model_labels = list(model_labels)
+    y_pred = [model_labels[k] for k in np.asarray(probs).argmax(axis=1)]
+    confidence = np.asarray(probs).max(axis=1)
+    unknown = Counter(y for y in y_true if y not in set(model_labels))
+    all_labels = model_labels + sorted(unknown)
+    p, r, f, support = precision_recall_fscore_support(
+        list(y_true), y_pred, labels=all_labels, zero_division=0
+    )
+    correct = np.array([t == q for t, q in zip(y_true, y_pred, strict=True)])
+    present = support > 0
+    accepted = confidence >= threshold
+    return {
+        "n": len(y_pred),
+        "accuracy": float(correct.mean()) if len(correct) else 0.0,
+        "macro_f1": float(f[present].mean()) if present.any() else 0.0,
+        "per_class": {
+            label: {
+                "precision": float(p[k]),
+                "recall": float(r[k]),
+                "f1": float(f[k]),
+                "support": int(support[k]),
+            }
+            for k, label in enumerate(all_labels)
+            if support[k] or label in model_labels
+        },
+        "unknown_categories": dict(unknown),
+        "threshold": float(threshold),
+        "coverage": float(accepted.mean()) if len(correct) else 0.0,
+        "precision_at_threshold": float(correct[accepted].mean()) if accepted.any() else None,
+    }
+
+
+def score_model(model: FusionModel, data: Any, rows: Sequence[int] | None = None) -> dict:
+    """Score ``model`` on training arrays (``training.fit.TrainingData``), optionally a subset."""
+    if rows is not None:
+        data = data.subset(np.asarray(rows))
+    probs = model.predict(data.text_emb, data.image_emb, data.image_present, data.texts)
+    return score_predictions(data.labels, probs, model.labels, model.threshold)
+
+
+@dataclass
+class FileEvaluation:
+    metrics: dict[str, Any]
+    rejected: ImportReport
+
+
+def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEvaluation:
+    """Score ``model`` on a labeled file, without writing its rows to the catalog."""
+    report = ImportReport()
+    rows: list[ProductRow] = [
+        r for r in valid_rows(read_products(path, labeled=True), report) if r.category
+    ]
+    if not rows:
+        raise ValueError(f"{path}: no labeled rows to evaluate")
+    text_encoder, image_encoder = load_encoders(settings.model_dir)
+    products = [
+        ProductInput(-(i + 1), "", r.name, r.description, r.image_uri) for i, r in enumerate(rows)
+    ]
+    features = embed_products(None, products, text_encoder, image_encoder, settings)
+    probs = model.predict(
+        features.text_emb, features.image_emb, features.image_present, features.texts
+    )
+    metrics = score_predictions([r.category for r in rows], probs, model.labels, model.threshold)
+    metrics["images_unusable"] = len(features.image_errors)
+    return FileEvaluation(metrics, report)
+
+
+def champion_model(engine: Engine) -> tuple[Any, FusionModel]:
+    from training import registry
+
+    with engine.connect() as conn:
+        record = registry.champion(conn)
+        if record is None:
+            raise LookupError("there is no champion model yet; run `shelver train` first")
+        artifact = registry.artifact_of(conn, record.id)
+    return record, FusionModel.from_artifact(artifact, record.sha256)

@@ -1,0 +1,176 @@
+"""One training run end to end: catalog rows -> embeddings -> fit -> report -> registry -> gate.
+
+``train_and_register`` is what ``shelver train`` and the scheduled retraining
+task both call; every run leaves a ``training_runs`` row, succeeded or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import Engine, text
+
+from catalog.settings import Settings
+from training import registry
+from training.dataset import load_labeled_set
+from training.fit import TrainParams, train
+from training.holdout import score_model
+from worker.encoders import load_encoders
+from worker.fusion import FusionModel
+
+log = logging.getLogger(__name__)
+
+PromoteMode = Literal["auto", "never", "force"]
+
+
+@dataclass
+class TrainOutcome:
+    run_id: int
+    model: registry.ModelRecord
+    promoted: bool
+    decision: registry.GateDecision | None
+    report_dir: Path
+    metrics: dict
+
+
+def _start_run(engine: Engine, params: dict) -> int:
+    with engine.begin() as conn:
+        # The watermark is taken before rows are read: a label changed during
+        # the run counts toward the next one rather than being lost between.
+        return conn.execute(
+            text(
+                "INSERT INTO training_runs (params, label_watermark) "
+                "VALUES (CAST(:params AS jsonb), now()) RETURNING id"
+            ),
+            {"params": json.dumps(params, default=str)},
+        ).scalar_one()
+
+
+def _finish_run(engine: Engine, run_id: int, **values: object) -> None:
+    sets = ", ".join(
+        f"{k} = CAST(:{k} AS jsonb)" if k == "metrics" else f"{k} = :{k}" for k in values
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"UPDATE training_runs SET {sets}, finished_at = now() WHERE id = :id"),
+            {**values, "id": run_id},
+        )
+
+
+def _next_version(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return f"v{conn.execute(text('SELECT count(*) + 1 FROM model_versions')).scalar_one()}"
+
+
+def train_and_register(
+    engine: Engine,
+    settings: Settings,
+    *,
+    promote: PromoteMode = "auto",
+    params: TrainParams | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> TrainOutcome:
+    params = params or TrainParams(target_precision=settings.target_precision)
+    run_id = _start_run(engine, {"promote": promote, **params.__dict__})
+    report_dir = Path(settings.data_dir) / "reports" / f"run-{run_id}"
+    try:
+        text_encoder, image_encoder = load_encoders(settings.model_dir)
+        labeled = load_labeled_set(
+            engine,
+            text_encoder,
+            image_encoder,
+            settings,
+            progress=(lambda done, total: progress("embedding", done, total)) if progress else None,
+        )
+        params.encoders = {"text": text_encoder.identity, "image": image_encoder.identity}
+        result = train(labeled.data, params, report_dir=report_dir)
+        candidate_model = FusionModel.from_artifact(result.artifact, result.sha256)
+        test_rows = list(result.split.test)
+        candidate_scores = score_model(candidate_model, labeled.data, rows=test_rows)
+        with engine.begin() as conn:
+            current = registry.champion(conn)
+            record = registry.register_candidate(
+                conn,
+                version=_next_version(engine),
+                artifact=result.artifact,
+                sha256=result.sha256,
+                labels=list(result.labels),
+                encoders=params.encoders,
+                metrics=result.metrics,
+                threshold=float(result.threshold),
+                training_run_id=run_id,
+            )
+        champion_scores = None
+        if current is not None:
+            with engine.connect() as conn:
+                artifact = registry.artifact_of(conn, current.id)
+            champion_scores = _score_champion(current, artifact, labeled.data, test_rows, params)
+        if current is not None and champion_scores is None:
+            decision = registry.GateDecision(
+                False,
+                [
+                    f"champion {current.version} uses other encoders, so the two cannot be "
+                    "compared on the same rows; promote by hand (`--promote force`)"
+                ],
+                candidate_scores["macro_f1"],
+            )
+        else:
+            decision = registry.gate(
+                candidate_scores,
+                champion_scores,
+                min_improvement=settings.promote_min_improvement,
+                max_class_drop=settings.promote_max_class_drop,
+            )
+        promoted = promote == "force" or (promote == "auto" and decision.promote)
+        with engine.begin() as conn:
+            if promoted:
+                record = registry.promote(conn, record.version)
+            elif promote == "auto":
+                registry.reject(conn, record.version)
+                record = registry.get(conn, record.version)
+        metrics = {
+            **result.metrics,
+            "gate": {
+                "promoted": promoted,
+                "mode": promote,
+                "reasons": decision.reasons,
+                "candidate_on_test": candidate_scores["macro_f1"],
+                "champion_on_test": champion_scores["macro_f1"] if champion_scores else None,
+            },
+        }
+        (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        _finish_run(
+            engine,
+            run_id,
+            status="succeeded",
+            n_rows=len(labeled.product_ids),
+            metrics=json.dumps(metrics, default=float),
+            report_dir=str(report_dir),
+        )
+        return TrainOutcome(run_id, record, promoted, decision, report_dir, metrics)
+    except BaseException as exc:
+        _finish_run(engine, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _score_champion(
+    champion: registry.ModelRecord, artifact: bytes, data, rows: list[int], params: TrainParams
+) -> dict | None:
+    """The champion's figures on the candidate's test rows, or None if it cannot be compared.
+
+    A champion built on other encoders sees other embeddings; comparing it on
+    ours would be meaningless, so the gate then leaves the decision to a person.
+    """
+    if champion.encoders != params.encoders:
+        log.warning(
+            "champion %s uses encoders %s, the candidate %s: not comparable",
+            champion.version, champion.encoders, params.encoders,
+        )  # fmt: skip
+        return None
+    model = FusionModel.from_artifact(artifact, champion.sha256)
+    return score_model(model, data, rows=rows)
