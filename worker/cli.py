@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +27,11 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The catalog database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+encoders_app = typer.Typer(help="The text and image encoders workers run.", no_args_is_help=True)
+app.add_typer(encoders_app, name="encoders")
+models_app = typer.Typer(help="The model registry: list, inspect, promote, roll back.",
+                         no_args_is_help=True)  # fmt: skip
+app.add_typer(models_app, name="models")
 
 # soft_wrap: lines such as "file:line: reason" must stay whole for grep and tests.
 console = Console(soft_wrap=True)
@@ -116,3 +123,314 @@ def status(
         if champion
         else "champion: none yet (run `shelver train`)"
     )
+
+
+# --- the event path: dispatcher, workers, backfill, schedule, labels ---------------------------
+
+
+def _stop_on_signals() -> threading.Event:
+    """One Event that SIGTERM and SIGINT set; long-running commands finish their step and exit."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        logging.getLogger("shelver").info("%s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+@app.command("dispatch")
+def dispatch(
+    batch_size: Annotated[
+        int | None, typer.Option(help="Products per classify task (default SHELVER_BATCH_SIZE).")
+    ] = None,
+    batch_wait_ms: Annotated[
+        int | None, typer.Option(help="Wait to fill a batch (default SHELVER_BATCH_WAIT_MS).")
+    ] = None,
+    backfill_batch_size: Annotated[
+        int, typer.Option(help="Products per backfill task; cached re-scores are cheap.")
+    ] = 256,
+    max_inflight_batches: Annotated[
+        int, typer.Option(help="Sent-but-unfinished batches allowed per queue, all dispatchers.")
+    ] = 8,
+) -> None:
+    """Send queued products to the workers: LISTEN/NOTIFY plus polling, micro-batched.
+
+    Run as many as you like; they never hand out the same product twice under a live lease.
+    """
+    from catalog.db import check_connection, get_engine
+    from worker.dispatcher import DispatchConfig, Dispatcher, celery_sender
+
+    settings = get_settings()
+    settings.require_broker_url()
+    engine = get_engine()
+    check_connection(engine)
+    config = DispatchConfig.from_settings(
+        settings,
+        batch_size=batch_size,
+        batch_wait_s=None if batch_wait_ms is None else batch_wait_ms / 1000,
+        backfill_batch_size=backfill_batch_size,
+        max_inflight_batches=max_inflight_batches,
+    )
+    stats = Dispatcher(engine, celery_sender(), config, _stop_on_signals()).run()
+    console.print(f"dispatcher stopped after {stats.batches} batches, {stats.rows} products")
+
+
+@app.command("worker")
+def run_worker(
+    queues: Annotated[
+        str, typer.Option("-Q", "--queues", help="Comma-separated: classify, backfill, training.")
+    ] = "classify,backfill",
+    concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="Pool processes.")] = 1,
+    pool: Annotated[
+        str, typer.Option("-P", "--pool", help="prefork, solo or threads.")
+    ] = "prefork",
+    threads: Annotated[
+        int | None,
+        typer.Option(help="onnxruntime intra-op threads per process (default: cores/concurrency)."),
+    ] = None,
+    loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
+) -> None:
+    """Run a Celery worker: encoders and the champion load once per process."""
+    import os
+
+    from worker.encoders import EncoderUnavailable
+    from worker.runtime import check_encoders
+
+    settings = get_settings()
+    settings.require_broker_url()
+    settings.require_database_url()
+    wanted = {q.strip() for q in queues.split(",") if q.strip()}
+    if wanted - {"classify", "backfill", "training"}:
+        raise UserError(f"unknown queue(s) {sorted(wanted - {'classify', 'backfill', 'training'})}")
+    if wanted & {"classify", "backfill"}:
+        try:
+            check_encoders(settings.model_dir)
+        except EncoderUnavailable as exc:
+            raise UserError(str(exc)) from exc
+    # Processes share the cores: by default each gets its slice for onnxruntime.
+    per_process = threads or max(1, (os.cpu_count() or 1) // max(1, concurrency))
+    os.environ["SHELVER_ORT_THREADS"] = str(per_process)
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "-Q", ",".join(sorted(wanted)),
+            "-c", str(concurrency),
+            "-P", pool,
+            "-l", loglevel,
+            # Unique per process, so several workers on one host do not clash.
+            "-n", f"shelver-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle",
+        ]
+    )  # fmt: skip
+
+
+@encoders_app.command("export")
+def encoders_export(
+    resnet: Annotated[
+        bool, typer.Option("--resnet", help="Also export ResNet50 (needs Keras ImageNet weights).")
+    ] = False,
+) -> None:
+    """Build the ONNX encoders from weights shipped in pip packages (needs the `export` extra)."""
+    try:
+        from training.encoder_export import describe, export_encoders
+    except ImportError as exc:
+        raise UserError(
+            f"encoder export needs the export extra ({exc.name} is missing): "
+            "pip install -e '.[export]'"
+        ) from exc
+    model_dir = get_settings().model_dir
+    manifest = export_encoders(model_dir, include_resnet=resnet)
+    table = Table(title=f"encoders in {model_dir}")
+    for column in ("name", "kind", "dim", "identity"):
+        table.add_column(column)
+    for row in describe(manifest):
+        table.add_row(row["name"], row["kind"], str(row["dim"]), row["identity"])
+    console.print(table)
+
+
+@app.command("train")
+def train_command(
+    promote: Annotated[
+        str,
+        typer.Option(
+            help="auto: promote only if the gate passes; never: keep as candidate; "
+            "force: promote regardless."
+        ),
+    ] = "auto",
+) -> None:
+    """Train on the catalog's labeled products, report, register a candidate and run the gate."""
+    if promote not in ("auto", "never", "force"):
+        raise UserError(f"--promote must be auto, never or force, not {promote!r}")
+    from rich.progress import Progress
+
+    from catalog.db import get_engine
+    from training.pipeline import train_and_register
+
+    with Progress(console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        try:
+            outcome = train_and_register(
+                get_engine(), get_settings(), promote=promote, progress=progress
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    _print_training(outcome)
+
+
+def _print_training(outcome) -> None:
+    metrics = outcome.metrics
+    test = metrics.get("test", {})
+    baseline = metrics.get("baseline", {})
+    table = Table(title=f"training run {outcome.run_id}: {outcome.model.version}")
+    table.add_column("on the test split")
+    table.add_column("fusion model", justify="right")
+    table.add_column("TF-IDF baseline", justify="right")
+    for key in ("accuracy", "macro_f1"):
+        table.add_row(key, _fmt(test.get(key)), _fmt(baseline.get(key)))
+    table.add_row("ECE", _fmt(test.get("ece")), "")
+    table.add_row(
+        f"coverage at threshold {_fmt(outcome.model.threshold)}", _fmt(test.get("coverage")), ""
+    )
+    console.print(table)
+    verdict = "promoted to champion" if outcome.promoted else f"left as {outcome.model.status}"
+    console.print(f"{outcome.model.version}: {verdict}")
+    for reason in outcome.decision.reasons if outcome.decision else []:
+        console.print(f"  - {reason}")
+    console.print(f"report: {outcome.report_dir}")
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+@models_app.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Every registered model with its status and test figures."""
+    from catalog.db import get_engine
+    from training import registry
+
+    with get_engine().connect() as conn:
+        models = registry.list_models(conn)
+    if as_json:
+        print(json.dumps([_model_json(m) for m in models], default=str, indent=2))
+        return
+    table = Table(title="models")
+    for column in ("version", "status", "macro-F1 (test)", "threshold", "created", "promoted"):
+        table.add_column(column)
+    for m in models:
+        table.add_row(
+            m.version,
+            m.status,
+            _fmt(m.metrics.get("test", {}).get("macro_f1")),
+            _fmt(m.threshold),
+            f"{m.created_at:%Y-%m-%d %H:%M}",
+            f"{m.promoted_at:%Y-%m-%d %H:%M}" if m.promoted_at else "",
+        )
+    console.print(table)
+
+
+def _model_json(m) -> dict:
+    return {
+        "version": m.version,
+        "status": m.status,
+        "sha256": m.sha256,
+        "labels": m.labels,
+        "encoders": m.encoders,
+        "threshold": m.threshold,
+        "metrics": m.metrics,
+        "created_at": m.created_at,
+        "promoted_at": m.promoted_at,
+    }
+
+
+@models_app.command("show")
+def models_show(version: Annotated[str, typer.Argument(help="e.g. v3")]) -> None:
+    """Everything recorded about one model, as JSON."""
+    from catalog.db import get_engine
+    from training import registry
+
+    with get_engine().connect() as conn:
+        try:
+            record = registry.get(conn, version)
+        except registry.RegistryError as exc:
+            raise UserError(str(exc)) from exc
+    print(json.dumps(_model_json(record), default=str, indent=2))
+
+
+@models_app.command("promote")
+def models_promote(version: Annotated[str, typer.Argument(help="e.g. v3")]) -> None:
+    """Make VERSION the champion by hand; workers switch to it within seconds."""
+    from catalog.db import get_engine
+    from training import registry
+
+    with get_engine().begin() as conn:
+        try:
+            registry.promote(conn, version)
+        except registry.RegistryError as exc:
+            raise UserError(str(exc)) from exc
+    console.print(f"{version} is the champion")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Put the previous champion back; the current one is marked rejected."""
+    from catalog.db import get_engine
+    from training import registry
+
+    with get_engine().begin() as conn:
+        try:
+            restored, demoted = registry.rollback(conn)
+        except registry.RegistryError as exc:
+            raise UserError(str(exc)) from exc
+    console.print(f"{restored.version} is the champion again ({demoted.version} rejected)")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    path: Annotated[Path, typer.Argument(help="A labeled CSV in the shared schema.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Score the champion on a labeled file without inserting its rows into the catalog."""
+    from catalog.db import get_engine
+    from catalog.importer import ImportFormatError
+    from training.holdout import champion_model, evaluate_file
+
+    try:
+        record, model = champion_model(get_engine())
+        result = evaluate_file(model, path, get_settings())
+    except (LookupError, ValueError, ImportFormatError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from exc
+    metrics = {"model": record.version, **result.metrics}
+    metrics["rejected_rows"] = [
+        {"line": r.line, "reason": r.reason} for r in result.rejected.rejected
+    ]
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    console.print(
+        f"{record.version} on {path}: n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
+        f"macro-F1={metrics['macro_f1']:.4f} coverage={metrics['coverage']:.3f}"
+    )
+    table = Table()
+    for column in ("category", "precision", "recall", "F1", "support"):
+        table.add_column(column)
+    for label, row in metrics["per_class"].items():
+        table.add_row(
+            label, _fmt(row["precision"]), _fmt(row["recall"]), _fmt(row["f1"]), str(row["support"])
+        )
+    console.print(table)
+    if metrics["unknown_categories"]:
+        console.print(f"categories the model does not know: {metrics['unknown_categories']}")

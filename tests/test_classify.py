@@ -1,0 +1,388 @@
+"""The classify batch: results, history, cache and queue written together; per-row failures.
+
+Runs the real encoders (exported once per session) and a small real fusion model:
+a nearest-centroid ONNX graph built here from product titles of the shared data,
+packaged and registered exactly as training would. The helpers at the top are
+reused by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, text
+
+from catalog.db import session_scope
+from catalog.queue import claim_batch
+from catalog.settings import Settings
+from worker.classify import FusionClassifier, classify_products, load_rows, write_results
+from worker.encoders import ImageEncoder, TextEncoder, load_encoders, product_text
+from worker.fusion import build_artifact, sha256_hex
+from worker.runtime import Runtime
+
+CATEGORIES = ("Cell Phones", "Appliances", "Video Games", "Musical Instruments")
+
+
+# --- helpers shared with test_e2e_worker.py -------------------------------------------------
+
+
+def export_or_reuse_encoders(base: Path, shared_data: Path) -> Path:
+    """Exported encoders: $SHELVER_TEST_MODEL_DIR if it holds a manifest, else a fresh export."""
+    reuse = os.environ.get("SHELVER_TEST_MODEL_DIR")
+    if reuse and (Path(reuse) / "manifest.json").is_file():
+        return Path(reuse)
+    from training.encoder_export import export_encoders
+
+    path = base / "encoders"
+    if not (path / "manifest.json").is_file():
+        export_encoders(path, sample_dir=shared_data)
+    return path
+
+
+def training_titles(shared_data: Path, per_class: int = 25) -> dict[str, list[str]]:
+    """A few product texts per category, from the far end of the Best Buy file."""
+    with (shared_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    picked: dict[str, list[str]] = defaultdict(list)
+    for row in reversed(rows):
+        if row["category"] in CATEGORIES and len(picked[row["category"]]) < per_class:
+            picked[row["category"]].append(product_text(row["name"], row["description"]))
+    return dict(picked)
+
+
+def centroid_artifact(
+    text_encoder: TextEncoder,
+    image_encoder: ImageEncoder,
+    examples: dict[str, list[str]],
+    *,
+    threshold: float = 0.5,
+    scale: float = 25.0,
+) -> bytes:
+    """A real fusion artifact: softmax(scale * cosine to each class's mean text embedding)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    labels = sorted(examples)
+    centroids = np.stack([text_encoder.encode(examples[label]).mean(axis=0) for label in labels])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    k, d_img = len(labels), image_encoder.dim
+    weights = {
+        "w_text": (centroids.T * scale).astype(np.float32),
+        # The image branch is present, as in the trained model, but given no say.
+        "w_image": np.zeros((d_img, k), dtype=np.float32),
+        "w_present": np.zeros((1, k), dtype=np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["text_emb", "w_text"], ["t"]),
+            helper.make_node("MatMul", ["image_emb", "w_image"], ["i"]),
+            helper.make_node("MatMul", ["image_present", "w_present"], ["p"]),
+            helper.make_node("Add", ["t", "i"], ["ti"]),
+            helper.make_node("Add", ["ti", "p"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        ],
+        "centroid_fusion",
+        [
+            helper.make_tensor_value_info("text_emb", TensorProto.FLOAT, ["n", text_encoder.dim]),
+            helper.make_tensor_value_info("image_emb", TensorProto.FLOAT, ["n", d_img]),
+            helper.make_tensor_value_info("image_present", TensorProto.FLOAT, ["n", 1]),
+        ],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", k])],
+        initializer=[numpy_helper.from_array(v, name) for name, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    meta = {
+        "labels": labels,
+        "threshold": threshold,
+        "encoders": {"text": text_encoder.identity, "image": image_encoder.identity},
+        "text_packing": "product_text",
+        "text_dim": text_encoder.dim,
+        "image_dim": d_img,
+        "lexical": None,
+    }
+    return build_artifact(model.SerializeToString(), meta)
+
+
+def register_champion(
+    engine: Engine, artifact: bytes, version: str, *, threshold: float = 0.5
+) -> int:
+    """Insert a model version and make it the champion, retiring the previous one, in one go."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(artifact)) as archive:
+        meta = json.loads(archive.read("meta.json"))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE model_versions SET status = 'retired' WHERE status = 'champion'"))
+        return conn.execute(
+            text(
+                """
+                INSERT INTO model_versions
+                    (version, status, artifact, sha256, labels, encoders, threshold, promoted_at)
+                VALUES (:version, 'champion', :artifact, :sha256, CAST(:labels AS jsonb),
+                        CAST(:encoders AS jsonb), :threshold, now())
+                RETURNING id
+                """
+            ),
+            {
+                "version": version,
+                "artifact": artifact,
+                "sha256": sha256_hex(artifact),
+                "labels": json.dumps(meta["labels"]),
+                "encoders": json.dumps(meta["encoders"]),
+                "threshold": threshold,
+            },
+        ).scalar_one()
+
+
+def insert_products(engine: Engine, rows: list[dict]) -> list[int]:
+    with engine.begin() as conn:
+        return [
+            conn.execute(
+                text(
+                    "INSERT INTO products (sku, name, description, image_uri) "
+                    "VALUES (:sku, :name, :description, :image_uri) RETURNING id"
+                ),
+                {"description": "", "image_uri": None, **row},
+            ).scalar_one()
+            for row in rows
+        ]
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
+
+
+@pytest.fixture(scope="session")
+def encoders(encoder_dir: Path) -> tuple[TextEncoder, ImageEncoder]:
+    return load_encoders(encoder_dir)
+
+
+@pytest.fixture(scope="session")
+def artifact(encoders: tuple[TextEncoder, ImageEncoder], shared_data: Path) -> bytes:
+    return centroid_artifact(*encoders, training_titles(shared_data))
+
+
+@pytest.fixture
+def settings(shared_data: Path) -> Settings:
+    return Settings(image_roots=[shared_data], model_poll_seconds=0)
+
+
+@pytest.fixture
+def runtime(engine: Engine, settings: Settings, encoders, artifact: bytes) -> Runtime:  # noqa: ANN001
+    register_champion(engine, artifact, "centroid-1")
+    return Runtime(engine, settings, *encoders)
+
+
+def classifier_for(runtime: Runtime) -> FusionClassifier:
+    champion = runtime.champion()
+    assert champion is not None
+    return FusionClassifier(runtime.text_encoder, runtime.image_encoder, champion, runtime.settings)
+
+
+def claim_all(engine: Engine) -> list[int]:
+    with engine.begin() as conn:
+        claims = claim_batch(conn, limit=1000, lease_seconds=300, max_attempts=5)
+    return [c.product_id for c in claims]
+
+
+def products(engine: Engine) -> dict[str, dict]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                """
+                SELECT p.sku, p.status, c.name AS category, p.confidence, p.error,
+                       p.model_version_id
+                FROM products p LEFT JOIN categories c ON c.id = p.predicted_id
+                """
+            )
+        ).mappings()
+        return {row["sku"]: dict(row) for row in rows}
+
+
+def scalar(engine: Engine, sql: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text(sql)).scalar_one()
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_batch_writes_results_history_cache_and_finishes_its_queue_rows(
+    engine: Engine, runtime: Runtime
+) -> None:
+    image = "bestbuy/" + next(
+        p.relative_to(runtime.settings.image_roots[0] / "bestbuy").as_posix()
+        for p in sorted((runtime.settings.image_roots[0] / "bestbuy" / "images").glob("*.jpg"))
+    )
+    insert_products(
+        engine,
+        [
+            {"sku": "phone", "name": "Apple iPhone 7 32GB Gold Unlocked smartphone"},
+            {"sku": "washer", "name": "Samsung 4.5 cu. ft. front load washer, white"},
+            {"sku": "game", "name": "Halo 5: Guardians for Xbox One", "image_uri": image},
+        ],
+    )
+    ids = claim_all(engine)
+    with session_scope(engine) as db:
+        summary = classify_products(db, ids, classifier_for(runtime))
+
+    assert summary.classified + summary.needs_review == 3 and summary.failed == 0
+    result = products(engine)
+    assert result["phone"]["category"] == "Cell Phones"
+    assert result["washer"]["category"] == "Appliances"
+    assert result["game"]["category"] == "Video Games"
+    for row in result.values():
+        assert row["status"] == ("classified" if row["confidence"] >= 0.5 else "needs_review")
+        assert row["error"] is None
+    assert scalar(engine, "SELECT count(*) FROM predictions") == 3
+    assert scalar(engine, "SELECT count(*) FROM classification_queue") == 0
+    # Text vectors for all three, an image vector for the one with a photo.
+    assert scalar(engine, "SELECT count(*) FROM embeddings") == 4
+    with engine.connect() as conn:
+        top_k = conn.execute(text("SELECT top_k FROM predictions LIMIT 1")).scalar_one()
+    assert len(top_k) == 3 and top_k[0]["p"] >= top_k[1]["p"]
+
+
+@pytest.mark.slow
+def test_missing_image_is_classified_from_text_with_the_reason_recorded(
+    engine: Engine, runtime: Runtime
+) -> None:
+    insert_products(
+        engine,
+        [
+            {"sku": "a", "name": "Yamaha digital piano 88 keys", "image_uri": "no/such.jpg"},
+            {"sku": "b", "name": "Fender electric guitar", "image_uri": "/etc/passwd"},
+        ],
+    )
+    with session_scope(engine) as db:
+        classify_products(db, claim_all(engine), classifier_for(runtime))
+    result = products(engine)
+    assert result["a"]["category"] == "Musical Instruments"
+    assert result["a"]["error"].startswith("image not used: not_found")
+    assert result["b"]["error"].startswith("image not used: outside_root")
+    assert result["b"]["status"] in ("classified", "needs_review")
+
+
+@pytest.mark.slow
+def test_a_row_without_text_or_image_fails_alone(engine: Engine, runtime: Runtime) -> None:
+    insert_products(
+        engine,
+        [
+            {"sku": "empty", "name": "  ", "image_uri": "missing.jpg"},
+            {"sku": "ok", "name": "Samsung Galaxy S7 edge 32GB"},
+        ],
+    )
+    with session_scope(engine) as db:
+        summary = classify_products(db, claim_all(engine), classifier_for(runtime))
+    assert summary.failed == 1
+    result = products(engine)
+    assert result["empty"]["status"] == "failed"
+    assert "no usable text and no usable image" in result["empty"]["error"]
+    assert result["ok"]["category"] == "Cell Phones"
+    assert scalar(engine, "SELECT count(*) FROM classification_queue") == 0
+
+
+@pytest.mark.slow
+def test_product_changed_while_scoring_keeps_its_queue_row_and_gets_no_result(
+    engine: Engine, runtime: Runtime
+) -> None:
+    (pid,) = insert_products(engine, [{"sku": "x", "name": "Roland drum kit"}])
+    ids = claim_all(engine)
+    with session_scope(engine) as db:
+        rows = load_rows(db, ids)
+        classifier = classifier_for(runtime)
+        scored = classifier.score(db, rows)
+        # Someone edits the product after we read it and before we write.
+        with engine.begin() as other:
+            other.execute(
+                text("UPDATE products SET name = 'LG dishwasher' WHERE id = :id"), {"id": pid}
+            )
+        summary = write_results(db, rows, scored, classifier)
+    assert summary.stale == 1
+    assert products(engine)["x"]["status"] == "pending"
+    with engine.connect() as conn:
+        queued = conn.execute(
+            text("SELECT reason, claimed_at FROM classification_queue WHERE product_id = :id"),
+            {"id": pid},
+        ).one()
+    assert queued == ("update", None)
+    assert scalar(engine, "SELECT count(*) FROM predictions") == 0
+
+
+@pytest.mark.slow
+def test_redelivered_batch_writes_nothing_new_and_reuses_the_cache(
+    engine: Engine, runtime: Runtime
+) -> None:
+    insert_products(engine, [{"sku": "p", "name": "Nintendo Switch console with Joy-Con"}])
+    ids = claim_all(engine)
+    classifier = classifier_for(runtime)
+    with session_scope(engine) as db:
+        classify_products(db, ids, classifier)
+    with session_scope(engine) as db:
+        rows = load_rows(db, ids)
+        again = classifier.score(db, rows)
+        write_results(db, rows, again, classifier)
+    assert all(not fresh for fresh in again.new_embeddings.values())
+    assert scalar(engine, "SELECT count(*) FROM predictions") == 1
+    assert scalar(engine, "SELECT count(*) FROM embeddings") == 1
+
+
+def test_without_a_champion_rows_are_released_without_spending_an_attempt(
+    engine: Engine,
+) -> None:
+    insert_products(engine, [{"sku": "q", "name": "Dyson vacuum"}])
+    ids = claim_all(engine)
+    with session_scope(engine) as db:
+        summary = classify_products(db, ids, None, no_model_delay_s=60)
+    assert summary.released == 1
+    with engine.connect() as conn:
+        attempts, claimed_at, waits = conn.execute(
+            text(
+                "SELECT attempts, claimed_at, not_before > now() + interval '50 seconds' "
+                "FROM classification_queue"
+            )
+        ).one()
+    assert (attempts, claimed_at, waits) == (0, None, True)
+    assert products(engine)["q"]["status"] == "pending"
+
+
+@pytest.mark.slow
+def test_new_champion_is_swapped_in_and_a_tampered_one_refused(
+    engine: Engine,
+    runtime: Runtime,
+    encoders,
+    shared_data: Path,  # noqa: ANN001
+) -> None:
+    first = runtime.champion()
+    assert first is not None and first.version == "centroid-1"
+
+    examples = training_titles(shared_data)
+    second = centroid_artifact(*encoders, {k: examples[k] for k in CATEGORIES[:2]})
+    second_id = register_champion(engine, second, "centroid-2")
+    assert runtime.champion().version == "centroid-2"
+    assert runtime.champion().labels == sorted(CATEGORIES[:2])
+
+    third = centroid_artifact(*encoders, {k: examples[k] for k in CATEGORIES[2:]})
+    third_id = register_champion(engine, third, "centroid-3")
+    # Altered in place after registration: the bytes no longer hash to the recorded sha256.
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE model_versions SET artifact = :other WHERE id = :id"),
+            {"other": second, "id": third_id},
+        )
+    assert runtime.champion().version == "centroid-2"
+    assert runtime.champion().model_version_id == second_id

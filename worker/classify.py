@@ -1,0 +1,343 @@
+"""Classifying one batch of products and writing the results back in one transaction.
+
+``classify_products`` is the body of the classify task and knows nothing of
+Celery: load the rows, score them with a ``Classifier`` (the fusion model on
+cached or fresh embeddings), then lock the products and write the embedding
+cache, the prediction history, the current result and the queue completion
+together. One bad row never fails its batch; it ends ``failed`` with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from catalog import embeddings as cache
+from catalog import queue
+from worker.encoders import ImageEncoder, TextEncoder, product_text
+from worker.images import ImageRejected, ImageSettings, load_image
+
+log = logging.getLogger(__name__)
+
+TOP_K = 3
+
+
+@dataclass(frozen=True)
+class ProductRow:
+    """What the model sees of a product, and the content hash it was read at."""
+
+    id: int
+    name: str
+    description: str
+    image_uri: str | None
+    content_hash: str
+
+    @property
+    def text(self) -> str:
+        return product_text(self.name, self.description)
+
+
+@dataclass
+class Outcome:
+    """The verdict on one product: a category, or a reason it could not get one."""
+
+    product_id: int
+    content_hash: str
+    category: str | None = None
+    confidence: float | None = None
+    top_k: list[dict] = field(default_factory=list)
+    # Why part of the input was not used (e.g. the image); kept in products.error.
+    note: str | None = None
+    # Set when the product cannot be classified at all; it ends `failed`.
+    failure: str | None = None
+
+
+@dataclass
+class ScoredBatch:
+    outcomes: list[Outcome]
+    # Fresh vectors to cache, per encoder identity.
+    new_embeddings: dict[str, list[cache.CachedEmbedding]] = field(default_factory=dict)
+
+
+class Classifier(Protocol):
+    """Scores rows. The worker's is the fusion model; tests may bring a small real one."""
+
+    model_version_id: int
+    threshold: float
+
+    def score(self, db: Session, rows: Sequence[ProductRow]) -> ScoredBatch: ...
+
+
+@dataclass
+class BatchSummary:
+    classified: int = 0
+    needs_review: int = 0
+    failed: int = 0
+    # Changed while we worked; their queue rows stay and they are classified again.
+    stale: int = 0
+    # Given back unprocessed (no model yet).
+    released: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+LOAD_SQL = text(
+    """
+    SELECT id, name, description, image_uri, content_hash
+    FROM products
+    WHERE id = ANY(CAST(:ids AS bigint[]))
+    ORDER BY id
+    """
+)
+"""A plain read, no locks: encoding takes seconds and must not block writers of
+these products. What changes meanwhile is caught by the content hash at write time."""
+
+
+def load_rows(db: Session, product_ids: Sequence[int]) -> list[ProductRow]:
+    return [ProductRow(*row) for row in db.execute(LOAD_SQL, {"ids": list(product_ids)})]
+
+
+def top_k(probs: np.ndarray, labels: Sequence[str], k: int = TOP_K) -> list[dict]:
+    order = np.argsort(-probs)[:k]
+    return [{"category": labels[i], "p": round(float(probs[i]), 6)} for i in order]
+
+
+class FusionClassifier:
+    """Embeddings from the cache or the encoders, then the champion fusion model."""
+
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        image_encoder: ImageEncoder,
+        champion,  # noqa: ANN001 - worker.runtime.Champion; not imported to keep this module light
+        image_settings: ImageSettings,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.champion = champion
+        self.image_settings = image_settings
+        self.model_version_id: int = champion.model_version_id
+        self.threshold: float = champion.threshold
+
+    def score(self, db: Session, rows: Sequence[ProductRow]) -> ScoredBatch:
+        texts = [row.text for row in rows]
+        text_emb, new_text = self._text_embeddings(db, rows, texts)
+        image_emb, present, notes, new_image = self._image_embeddings(db, rows)
+        outcomes: list[Outcome] = []
+        usable = []
+        for i, row in enumerate(rows):
+            if not texts[i].strip() and not present[i]:
+                reason = "no usable text and no usable image"
+                if notes[i]:
+                    reason += f" ({notes[i]})"
+                outcomes.append(Outcome(row.id, row.content_hash, failure=reason))
+            else:
+                usable.append(i)
+                outcomes.append(Outcome(row.id, row.content_hash, note=notes[i]))
+        if usable:
+            model = self.champion.model
+            probs = model.predict(
+                text_emb[usable], image_emb[usable], present[usable], [texts[i] for i in usable]
+            )
+            for i, p in zip(usable, probs, strict=True):
+                best = int(np.argmax(p))
+                outcomes[i].category = model.labels[best]
+                outcomes[i].confidence = float(p[best])
+                outcomes[i].top_k = top_k(p, model.labels)
+        return ScoredBatch(
+            outcomes,
+            {self.text_encoder.identity: new_text, self.image_encoder.identity: new_image},
+        )
+
+    def _text_embeddings(
+        self, db: Session, rows: Sequence[ProductRow], texts: list[str]
+    ) -> tuple[np.ndarray, list[cache.CachedEmbedding]]:
+        out = np.zeros((len(rows), self.text_encoder.dim), dtype=np.float32)
+        cached = cache.get_cached(
+            db, self.text_encoder.identity, [(r.id, r.content_hash) for r in rows]
+        )
+        missing = []
+        for i, row in enumerate(rows):
+            if row.id in cached:
+                out[i] = cached[row.id]
+            else:
+                missing.append(i)
+        if missing:
+            out[missing] = self.text_encoder.encode([texts[i] for i in missing])
+        fresh = [cache.CachedEmbedding(rows[i].id, rows[i].content_hash, out[i]) for i in missing]
+        return out, fresh
+
+    def _image_embeddings(
+        self, db: Session, rows: Sequence[ProductRow]
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None], list[cache.CachedEmbedding]]:
+        n = len(rows)
+        out = np.zeros((n, self.image_encoder.dim), dtype=np.float32)
+        present = np.zeros(n, dtype=np.float32)
+        notes: list[str | None] = [None] * n
+        with_image = [i for i, row in enumerate(rows) if row.image_uri]
+        cached = cache.get_cached(
+            db,
+            self.image_encoder.identity,
+            [(rows[i].id, rows[i].content_hash) for i in with_image],
+        )
+        to_encode: list[int] = []
+        images = []
+        for i in with_image:
+            row = rows[i]
+            if row.id in cached:
+                out[i] = cached[row.id]
+                present[i] = 1
+                continue
+            try:
+                images.append(load_image(row.image_uri, self.image_settings))
+                to_encode.append(i)
+            except ImageRejected as exc:
+                notes[i] = f"image not used: {exc}"
+            except Exception as exc:  # one hostile file must not take the batch with it
+                log.warning("product %s: unexpected error loading its image", row.id, exc_info=True)
+                notes[i] = f"image not used: error: {type(exc).__name__}: {exc}"
+        if to_encode:
+            out[to_encode] = self.image_encoder.encode(images)
+            present[to_encode] = 1
+        fresh = [cache.CachedEmbedding(rows[i].id, rows[i].content_hash, out[i]) for i in to_encode]
+        return out, present, notes, fresh
+
+
+LOCK_SQL = text(
+    """
+    SELECT id, content_hash
+    FROM products
+    WHERE id = ANY(CAST(:ids AS bigint[]))
+    ORDER BY id
+    FOR UPDATE
+    """
+)
+"""Row locks on the batch's products, taken in id order so two workers holding
+overlapping batches (a lease that ran out) queue up instead of deadlocking.
+Held to the end of the write transaction: an UPDATE of one of these products
+waits until our result is committed, and then its trigger re-queues it, so a
+result can never be written over content it was not computed from."""
+
+ENSURE_CATEGORIES_SQL = text(
+    """
+    INSERT INTO categories (name)
+    SELECT unnest(CAST(:names AS text[]))
+    ON CONFLICT (name) DO NOTHING
+    """
+)
+"""A label the model knows but the catalog does not yet (a fresh database, a
+renamed category) is created; a concurrent insert of the same name waits on
+the unique index and then does nothing."""
+
+CATEGORY_IDS_SQL = text("SELECT name, id FROM categories WHERE name = ANY(CAST(:names AS text[]))")
+
+INSERT_PREDICTIONS_SQL = text(
+    """
+    INSERT INTO predictions
+        (product_id, model_version_id, content_hash, predicted_id, confidence, top_k)
+    SELECT x.product_id, :model_version_id, x.content_hash, x.predicted_id, x.confidence,
+           CAST(x.top_k AS jsonb)
+    FROM unnest(CAST(:product_ids AS bigint[]), CAST(:content_hashes AS text[]),
+                CAST(:predicted_ids AS integer[]), CAST(:confidences AS double precision[]),
+                CAST(:top_ks AS text[]))
+         AS x(product_id, content_hash, predicted_id, confidence, top_k)
+    ON CONFLICT (product_id, model_version_id, content_hash) DO NOTHING
+    """
+)
+"""Append-only history; a redelivered batch writes nothing new."""
+
+UPDATE_PRODUCTS_SQL = text(
+    """
+    UPDATE products p
+    SET predicted_id = x.predicted_id,
+        confidence = x.confidence,
+        model_version_id = :model_version_id,
+        classified_at = now(),
+        error = x.note,
+        status = CASE WHEN x.confidence >= :threshold OR p.label_id IS NOT NULL
+                      THEN 'classified' ELSE 'needs_review' END
+    FROM unnest(CAST(:product_ids AS bigint[]), CAST(:predicted_ids AS integer[]),
+                CAST(:confidences AS double precision[]), CAST(:notes AS text[]))
+         AS x(id, predicted_id, confidence, note)
+    WHERE p.id = x.id
+    RETURNING p.status
+    """
+)
+"""The current result. A product a person has labeled is never sent to review:
+someone has already decided. Result columns are not in the trigger's content
+columns, so this update does not queue the product again."""
+
+
+def write_results(
+    db: Session, rows: Sequence[ProductRow], scored: ScoredBatch, classifier: Classifier
+) -> BatchSummary:
+    """Write a scored batch for the products that still have the content it was scored on."""
+    summary = BatchSummary()
+    loaded = {row.id: row.content_hash for row in rows}
+    locked = dict(db.execute(LOCK_SQL, {"ids": list(loaded)}).all())
+    current = {pid for pid, h in loaded.items() if locked.get(pid) == h}
+    summary.stale = len(loaded) - len(current)
+
+    for encoder, vectors in scored.new_embeddings.items():
+        keep = [v for v in vectors if v.product_id in current]
+        if keep:
+            cache.put(db, encoder, keep)
+
+    done = [o for o in scored.outcomes if o.product_id in current and o.failure is None]
+    failures = {
+        o.product_id: o.failure for o in scored.outcomes if o.product_id in current and o.failure
+    }
+    if done:
+        names = sorted({o.category for o in done})
+        db.execute(ENSURE_CATEGORIES_SQL, {"names": names})
+        category_ids = dict(db.execute(CATEGORY_IDS_SQL, {"names": names}).all())
+        params = {
+            "model_version_id": classifier.model_version_id,
+            "threshold": classifier.threshold,
+            "product_ids": [o.product_id for o in done],
+            "content_hashes": [o.content_hash for o in done],
+            "predicted_ids": [category_ids[o.category] for o in done],
+            "confidences": [o.confidence for o in done],
+            "top_ks": [json.dumps(o.top_k) for o in done],
+            "notes": [o.note for o in done],
+        }
+        db.execute(INSERT_PREDICTIONS_SQL, params)
+        statuses = db.execute(UPDATE_PRODUCTS_SQL, params).scalars().all()
+        summary.classified = statuses.count("classified")
+        summary.needs_review = statuses.count("needs_review")
+    queue.fail(db, failures)
+    summary.failed = len(failures)
+    queue.complete(db, {o.product_id: o.content_hash for o in done})
+    return summary
+
+
+def classify_products(
+    db: Session,
+    product_ids: Sequence[int],
+    classifier: Classifier | None,
+    *,
+    no_model_delay_s: float = 30.0,
+) -> BatchSummary:
+    """Classify the given queued products inside the caller's transaction."""
+    if classifier is None:
+        # Nothing to classify with yet (no champion, or it was refused). The
+        # attempt is given back: waiting for a model is not the product's fault.
+        queue.release(
+            db, product_ids, delay_seconds=no_model_delay_s, note="no champion model in service"
+        )
+        return BatchSummary(released=len(product_ids))
+    rows = load_rows(db, product_ids)
+    if not rows:
+        return BatchSummary()
+    scored = classifier.score(db, rows)
+    summary = write_results(db, rows, scored, classifier)
+    log.info("batch of %d: %s", len(product_ids), summary.as_dict())
+    return summary

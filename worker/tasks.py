@@ -1,0 +1,59 @@
+"""The Celery tasks. Each says what it does; transactions, timing and retries are ShelverTask's."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_process_init
+from sqlalchemy.orm import Session
+
+from catalog.settings import get_settings
+from worker.celery_app import CLASSIFY_TASK, RETRAIN_TASK, app
+from worker.classify import FusionClassifier, classify_products
+from worker.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _warm_up(**_: object) -> None:
+    """Load encoders and the champion when a pool process starts, not on its first batch."""
+    from catalog.db import get_engine
+
+    # Connections inherited from the parent over fork() would be shared by two
+    # processes; drop them (without closing the parent's sockets).
+    get_engine().dispose(close=False)
+    get_runtime().champion()
+
+
+@app.task(name=CLASSIFY_TASK, bind=True)
+def classify_batch(self, db: Session, product_ids: list[int]) -> dict[str, int]:  # noqa: ANN001
+    """Classify queued products: fresh ones from the classify queue, backfill rows in bulk."""
+    runtime = get_runtime()
+    champion = runtime.champion()
+    classifier = (
+        FusionClassifier(runtime.text_encoder, runtime.image_encoder, champion, runtime.settings)
+        if champion is not None
+        else None
+    )
+    summary = classify_products(
+        db,
+        product_ids,
+        classifier,
+        no_model_delay_s=max(1.0, get_settings().model_poll_seconds),
+    )
+    return summary.as_dict()
+
+
+@app.task(name=RETRAIN_TASK, bind=True, transactional=False)
+def retrain(self) -> None:  # noqa: ANN001
+    """Train on the labels so far and let the gate decide about promotion.
+
+    Only the training worker has TensorFlow, so the training code is imported
+    here and nowhere else in the worker package.
+    """
+    from catalog.db import get_engine
+    from training.pipeline import train_and_register
+
+    result = train_and_register(get_engine(), promote="auto")
+    log.info("scheduled retraining finished: %s", result)
