@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from catalog.db import is_transient, session_scope
 from catalog.settings import get_settings
@@ -64,7 +64,12 @@ def celery_config() -> dict[str, Any]:
         # One message per process at a time: a prefetched batch would wait behind
         # the current one while its lease runs down.
         "worker_prefetch_multiplier": 1,
-        "task_queues": [Queue(name) for name in QUEUES],
+        # Each queue its own direct exchange and routing key: a bare Queue(name)
+        # would bind every queue to the default key, and a backfill batch sent to
+        # "backfill" would be copied into "classify" too.
+        "task_queues": [
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
         "task_default_queue": CLASSIFY_QUEUE,
         "task_routes": {RETRAIN_TASK: {"queue": TRAINING_QUEUE}},
         "worker_hijack_root_logger": False,

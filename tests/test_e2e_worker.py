@@ -1,0 +1,286 @@
+"""The event path end to end: real `shelver dispatch` and `shelver worker` processes.
+
+Products are inserted with plain SQL, as any client would; nothing here calls
+the worker code directly. Encoders are exported once per session and the
+champion is a small real fusion model registered like training would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from test_classify import (
+    CATEGORIES,
+    centroid_artifact,
+    export_or_reuse_encoders,
+    register_champion,
+    training_titles,
+)
+
+from worker.encoders import load_encoders
+
+pytestmark = pytest.mark.slow
+
+SHELVER = [sys.executable, "-m", "worker"]
+TERMINAL = ("classified", "needs_review", "failed")
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
+
+
+@pytest.fixture(scope="module")
+def artifacts(encoder_dir: Path, shared_data: Path) -> tuple[bytes, bytes]:
+    """Two different champions: all four categories, and a second that knows only two."""
+    encoders = load_encoders(encoder_dir)
+    examples = training_titles(shared_data)
+    first = centroid_artifact(*encoders, examples)
+    second = centroid_artifact(*encoders, {k: examples[k] for k in CATEGORIES[:2]}, scale=30)
+    return first, second
+
+
+@pytest.fixture
+def env(
+    database_url: str, broker_url: str, encoder_dir: Path, shared_data: Path, tmp_path: Path
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "SHELVER_DATABASE_URL": database_url,
+        "SHELVER_BROKER_URL": broker_url,
+        "SHELVER_MODEL_DIR": str(encoder_dir),
+        "SHELVER_IMAGE_ROOTS": json.dumps([str(shared_data)]),
+        "SHELVER_MODEL_POLL_SECONDS": "1",
+        "SHELVER_POLL_SECONDS": "1",
+        "SHELVER_LEASE_SECONDS": "20",
+        "SHELVER_RETRY_BACKOFF_S": "0.5",
+    }
+
+
+@contextlib.contextmanager
+def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """A shelver process for the duration of the block; stopped with SIGTERM, as in production."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            SHELVER + args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+@contextlib.contextmanager
+def pipeline(env: dict[str, str], tmp_path: Path, queues: str = "classify,backfill"):
+    with (
+        running(["dispatch"], env, tmp_path / "dispatch.log") as dispatcher,
+        running(["worker", "-Q", queues, "-c", "1"], env, tmp_path / "worker.log") as worker,
+    ):
+        yield dispatcher, worker
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    tails = "\n".join(
+        f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in logs.glob("*.log")
+    )
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def sample_products(shared_data: Path, n: int) -> list[dict]:
+    """Best Buy rows, half of them with their photo."""
+    with (shared_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[::7][:n]
+    return [
+        {
+            "sku": f"e2e-{row['id']}",
+            "name": row["name"],
+            "description": row["description"],
+            "image_uri": f"bestbuy/{row['image']}" if row["image"] and i % 2 == 0 else None,
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
+def insert(engine: Engine, rows: list[dict]) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO products (sku, name, description, image_uri) "
+                "VALUES (:sku, :name, :description, :image_uri)"
+            ),
+            rows,
+        )
+
+
+def count(engine: Engine, sql: str, **params: object) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).scalar_one()
+
+
+def test_inserted_products_all_reach_a_terminal_state(
+    engine: Engine,
+    env: dict[str, str],
+    artifacts,
+    shared_data: Path,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    champion = register_champion(engine, artifacts[0], "e2e-1")
+    rows = sample_products(shared_data, 200)
+    with pipeline(env, tmp_path):
+        started = time.monotonic()
+        insert(engine, rows)
+        wait_for(
+            lambda: count(engine, "SELECT count(*) FROM products WHERE status = 'pending'") == 0,
+            180,
+            "200 products to leave `pending`",
+            tmp_path,
+        )
+        elapsed = time.monotonic() - started
+    assert (
+        count(engine, "SELECT count(*) FROM products WHERE status = ANY(:s)", s=list(TERMINAL))
+        == 200
+    )
+    assert count(engine, "SELECT count(*) FROM classification_queue") == 0
+    assert (
+        count(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=champion)
+        == 200
+    )
+    assert count(engine, "SELECT count(DISTINCT product_id) FROM predictions") == 200
+    print(f"200 products classified end to end in {elapsed:.1f} s")
+
+
+def test_an_update_reclassifies_its_product(
+    engine: Engine,
+    env: dict[str, str],
+    artifacts,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    register_champion(engine, artifacts[0], "e2e-1")
+    insert(
+        engine,
+        [{"sku": "u1", "name": "Apple iPhone 6s 64GB", "description": "", "image_uri": None}],
+    )
+
+    def category() -> tuple[str, str] | None:
+        with engine.connect() as conn:
+            return conn.execute(
+                text(
+                    "SELECT p.status, c.name FROM products p "
+                    "LEFT JOIN categories c ON c.id = p.predicted_id WHERE sku = 'u1'"
+                )
+            ).one()
+
+    with pipeline(env, tmp_path):
+        wait_for(lambda: category()[0] != "pending", 60, "the first classification", tmp_path)
+        assert category()[1] == "Cell Phones"
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE products SET name = 'Whirlpool washing machine' WHERE sku = 'u1'")
+            )
+        wait_for(lambda: category()[1] == "Appliances", 60, "the update to be classified", tmp_path)
+    assert count(engine, "SELECT count(*) FROM predictions") == 2
+
+
+def test_a_promotion_switches_running_workers_without_a_restart(
+    engine: Engine,
+    env: dict[str, str],
+    artifacts,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    first = register_champion(engine, artifacts[0], "e2e-1")
+    product = {"description": "", "image_uri": None}
+    with pipeline(env, tmp_path) as (_, worker):
+        insert(engine, [{**product, "sku": "before", "name": "Casio keyboard 61 keys"}])
+        wait_for(
+            lambda: (
+                count(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=first)
+                == 1
+            ),
+            60,
+            "classification by the first champion",
+            tmp_path,
+        )
+        second = register_champion(engine, artifacts[1], "e2e-2")
+        time.sleep(1.5)  # one model poll
+        insert(engine, [{**product, "sku": "after", "name": "Casio keyboard 76 keys"}])
+        wait_for(
+            lambda: (
+                count(
+                    engine,
+                    "SELECT count(*) FROM products WHERE sku = 'after' AND model_version_id = :m",
+                    m=second,
+                )
+                == 1
+            ),
+            60,
+            "classification by the promoted champion",
+            tmp_path,
+        )
+        assert worker.poll() is None, "the worker restarted"
+
+
+def test_a_backfill_of_stale_rows_rescores_them_with_the_new_champion(
+    engine: Engine,
+    env: dict[str, str],
+    artifacts,
+    shared_data: Path,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    first = register_champion(engine, artifacts[0], "e2e-1")
+    insert(engine, sample_products(shared_data, 120))
+    with pipeline(env, tmp_path):
+        wait_for(
+            lambda: count(engine, "SELECT count(*) FROM classification_queue") == 0,
+            120,
+            "the first classification",
+            tmp_path,
+        )
+        assert (
+            count(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=first)
+            == 120
+        )
+        vectors = count(engine, "SELECT count(*) FROM embeddings")
+        second = register_champion(engine, artifacts[1], "e2e-2")
+        result = subprocess.run(
+            [*SHELVER, "backfill", "--stale", "--chunk", "50"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "done: 120 products" in result.stdout
+    assert (
+        count(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=second) == 120
+    )
+    assert count(engine, "SELECT count(*) FROM classification_queue") == 0
+    with engine.connect() as conn:
+        status, enqueued, total = conn.execute(
+            text("SELECT status, enqueued, total FROM backfill_runs")
+        ).one()
+    assert (status, enqueued, total) == ("done", 120, 120)
+    # Every embedding came from the cache: the re-score added history, not vectors.
+    assert count(engine, "SELECT count(*) FROM predictions") == 240
+    assert count(engine, "SELECT count(*) FROM embeddings") == vectors
