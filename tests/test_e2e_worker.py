@@ -284,3 +284,102 @@ def test_a_backfill_of_stale_rows_rescores_them_with_the_new_champion(
     # Every embedding came from the cache: the re-score added history, not vectors.
     assert count(engine, "SELECT count(*) FROM predictions") == 240
     assert count(engine, "SELECT count(*) FROM embeddings") == vectors
+
+
+# --- the people's side: labels, review, scheduled retraining (CLI processes) ------------------
+
+
+def shelver(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SHELVER, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_label_file_applies_good_lines_and_reports_bad_ones_by_line(
+    engine: Engine, env: dict[str, str], tmp_path: Path
+) -> None:
+    insert(
+        engine,
+        [
+            {"sku": s, "name": n, "description": "", "image_uri": None}
+            for s, n in (("s1", "iPhone"), ("s2", "Washer"), ("s3", "Piano"))
+        ],
+    )
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO categories (name) VALUES ('Cell Phones'), ('Appliances')"))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sku,category\ns1,Cell Phones\ns2,Appliances\nnope,Appliances\ns3,Pianos\n")
+    result = shelver(env, "label", str(labels))
+    assert result.returncode == 1
+    assert f"{labels}:4: unknown sku 'nope'" in result.stderr
+    assert f"{labels}:5: unknown category 'Pianos'" in result.stderr
+    assert "2 labeled" in result.stdout
+
+    result = shelver(env, "label", str(labels), "--create-categories")
+    assert "1 labeled, 2 unchanged" in result.stdout
+    with engine.connect() as conn:
+        labeled = dict(
+            conn.execute(
+                text(
+                    "SELECT p.sku, c.name FROM products p JOIN categories c ON c.id = p.label_id "
+                    "WHERE p.label_source = 'label' AND p.labeled_at IS NOT NULL"
+                )
+            ).all()
+        )
+    assert labeled == {"s1": "Cell Phones", "s2": "Appliances", "s3": "Pianos"}
+
+
+def test_review_lists_uncertain_products_and_records_a_verdict(
+    engine: Engine, env: dict[str, str]
+) -> None:
+    insert(engine, [{"sku": "r1", "name": "Mystery gadget", "description": "", "image_uri": None}])
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO categories (name) VALUES ('Audio'), ('Toys')"))
+        conn.execute(
+            text(
+                "UPDATE products SET status = 'needs_review', confidence = 0.31, "
+                "predicted_id = (SELECT id FROM categories WHERE name = 'Audio')"
+            )
+        )
+    listing = shelver(env, "review", "--limit", "5")
+    assert listing.returncode == 0 and "r1" in listing.stdout and "0.31" in listing.stdout
+    verdict = shelver(env, "review", "--set", "r1=Toys")
+    assert verdict.returncode == 0, verdict.stderr
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT p.status, p.label_source, c.name FROM products p "
+                "JOIN categories c ON c.id = p.label_id"
+            )
+        ).one()
+    assert tuple(row) == ("classified", "review", "Toys")
+    assert "nothing waits for review" in shelver(env, "review").stdout
+    unknown = shelver(env, "review", "--set", "r1=Nope")
+    assert unknown.returncode == 2 and "unknown category 'Nope'" in unknown.stderr
+
+
+def test_beat_queues_retraining_only_after_enough_new_labels(
+    engine: Engine, env: dict[str, str], broker_url: str
+) -> None:
+    import redis
+
+    env = {**env, "SHELVER_RETRAIN_MIN_NEW_LABELS": "2"}
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO categories (name) VALUES ('Audio')"))
+        conn.execute(
+            text(
+                "INSERT INTO products (sku, name, label_id) "
+                "SELECT 'l' || g, 'p', (SELECT id FROM categories) FROM generate_series(1, 3) g"
+            )
+        )
+        # A run that has seen all three labels.
+        conn.execute(
+            text("INSERT INTO training_runs (status, label_watermark) VALUES ('done', now())")
+        )
+    quiet = shelver(env, "beat", "--once")
+    assert "no retraining: 0 new labels" in quiet.stdout, quiet.stdout + quiet.stderr
+    assert redis.Redis.from_url(broker_url).llen("training") == 0
+
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE products SET label_source = 'review' WHERE sku IN ('l1', 'l2')"))
+    due = shelver(env, "beat", "--once")
+    assert "retraining queued: 2 new labels" in due.stdout, due.stdout + due.stderr
+    assert redis.Redis.from_url(broker_url).llen("training") == 1

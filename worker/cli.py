@@ -523,3 +523,99 @@ def backfill(
         f"backfill {run.id} done: {run.enqueued} products in {elapsed:.1f} s "
         f"({run.enqueued / max(elapsed, 1e-9):.0f} rows/s)"
     )
+
+
+@app.command("beat")
+def beat(
+    once: Annotated[
+        bool, typer.Option("--once", help="Check now, queue retraining if due, and exit.")
+    ] = False,
+) -> None:
+    """At SHELVER_RETRAIN_CRON times, queue retraining when enough new labels arrived."""
+    from croniter import croniter
+
+    from catalog.db import get_engine
+    from worker.schedule import run_beat, send_retrain, tick
+
+    settings = get_settings()
+    settings.require_broker_url()
+    if not croniter.is_valid(settings.retrain_cron):
+        raise UserError(f"SHELVER_RETRAIN_CRON={settings.retrain_cron!r} is not a cron expression")
+    engine = get_engine()
+    if once:
+        decision = tick(engine, settings.retrain_min_new_labels, send_retrain)
+        console.print(
+            ("retraining queued: " if decision.start else "no retraining: ") + decision.reason
+        )
+        return
+    run_beat(engine, settings.retrain_cron, settings.retrain_min_new_labels, _stop_on_signals())
+
+
+@app.command("label")
+def label(
+    path: Annotated[Path, typer.Argument(help="CSV with `sku` and `category` columns.")],
+    create_categories: Annotated[
+        bool, typer.Option("--create-categories", help="Create categories the catalog lacks.")
+    ] = False,
+) -> None:
+    """Apply labels from a CSV; unknown SKUs and categories are reported per line (exit 1)."""
+    from catalog.db import get_engine
+    from worker.labels import LabelFileError, apply_label_file
+
+    try:
+        report = apply_label_file(get_engine(), path, create_categories=create_categories)
+    except LabelFileError as exc:
+        raise UserError(str(exc)) from exc
+    for problem in report.problems:
+        err_console.print(f"{path}:{problem.line}: {problem.message}")
+    console.print(
+        f"{report.labeled} labeled, {report.unchanged} unchanged, {report.kept_review} kept "
+        f"(labeled in review), {len(report.problems)} rejected, "
+        f"{report.categories_created} new categories"
+    )
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@app.command("review")
+def review(
+    limit: Annotated[int, typer.Option(help="How many products to list.")] = 20,
+    corrections: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Record a verdict: SKU=CATEGORY (repeatable)."),
+    ] = None,
+) -> None:
+    """List products waiting for review, least confident first, or record verdicts with --set."""
+    from catalog.db import get_engine
+    from worker.labels import ReviewError, needs_review, record_review
+
+    engine = get_engine()
+    if corrections:
+        for item in corrections:
+            sku, sep, category = item.partition("=")
+            if not sep or not sku.strip() or not category.strip():
+                raise UserError(f"--set wants SKU=CATEGORY, got {item!r}")
+            try:
+                record_review(engine, sku.strip(), category.strip())
+            except ReviewError as exc:
+                raise UserError(str(exc)) from exc
+            console.print(f"{sku.strip()}: labeled {category.strip()!r}")
+        return
+    items = needs_review(engine, limit)
+    if not items:
+        console.print("nothing waits for review")
+        return
+    table = Table(title=f"needs review ({len(items)} shown)")
+    for column in ("sku", "name", "predicted", "confidence", "alternatives"):
+        table.add_column(column)
+    for item in items:
+        alternatives = ", ".join(f"{t['category']} {t['p']:.2f}" for t in item.top_k[1:])
+        table.add_row(
+            item.sku,
+            item.name[:60],
+            item.predicted or "",
+            f"{item.confidence:.2f}" if item.confidence is not None else "",
+            alternatives,
+        )
+    console.print(table)
+    console.print("record a verdict with: shelver review --set SKU=CATEGORY")
