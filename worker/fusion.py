@@ -1,0 +1,191 @@
+"""The fusion classifier as the worker runs it: artifact format, loading, prediction.
+
+An artifact is a zip (stdlib ``zipfile``) of two members:
+
+- ``model.onnx``: the exported graph; inputs ``text_emb`` (n, 384), ``image_emb``
+  (n, D), ``image_present`` (n, 1) and, with a lexical branch, ``lex_ids`` /
+  ``lex_weights`` (n, L); output (n, K) class probabilities;
+- ``meta.json``: everything else needed to serve it — ``format_version``, ``labels``
+  (column order of the output), ``threshold`` (auto-accept confidence), ``encoders``
+  (identities of the text/image encoders whose embeddings it expects), ``text_packing``
+  (how name and description become the encoded text), ``text_dim``/``image_dim``,
+  ``inputs`` and ``lexical`` (vocabulary, idf and analyzer parameters, or null).
+
+Nothing is unpickled, and the bytes are checked against the sha256 the registry
+recorded before anything inside them is parsed.
+
+API:
+    data = build_artifact(onnx_bytes, meta)                     # training side
+    model = FusionModel.from_artifact(data, expected_sha256)    # worker side
+    probs = model.predict(text_emb, image_emb, image_present, texts)   # (n, K)
+    model.labels, model.threshold, model.meta
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import zipfile
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from worker.lexical import LexicalVocabulary
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_MEMBER = "model.onnx"
+META_MEMBER = "meta.json"
+REQUIRED_META = ("labels", "threshold", "encoders", "text_packing", "text_dim", "image_dim")
+# Rows per onnxruntime call: bounds the padded lexical matrix when backfill scores
+# thousands of rows at once.
+PREDICT_CHUNK = 1024
+
+
+class ArtifactRejected(Exception):
+    """The artifact is not the one the registry vouched for, or is not a valid artifact."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_artifact(onnx_bytes: bytes, meta: dict) -> bytes:
+    """Package a model and its metadata; the result's sha256 is its identity."""
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ValueError(f"artifact meta lacks {missing}")
+    meta = {"format_version": FORMAT_VERSION, **meta}
+    buffer = io.BytesIO()
+    # Fixed timestamps so the same model and meta always give the same bytes and hash.
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, payload in (
+            (META_MEMBER, json.dumps(meta, sort_keys=True).encode("utf-8")),
+            (MODEL_MEMBER, onnx_bytes),
+        ):
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, payload)
+    return buffer.getvalue()
+
+
+def fusion_inputs(
+    vocabulary: LexicalVocabulary | None,
+    texts: Sequence[str] | None,
+    text_emb: np.ndarray,
+    image_emb: np.ndarray,
+    image_present: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The named input arrays of the fusion graph; training feeds Keras with the same."""
+    present = np.asarray(image_present, dtype=np.float32).reshape(-1, 1)
+    feeds = {
+        "text_emb": np.asarray(text_emb, dtype=np.float32),
+        # Zeroed where absent: whatever a caller leaves in a missing image's row must
+        # not matter, and this makes Keras, ONNX and the embedding cache agree.
+        "image_emb": np.asarray(image_emb, dtype=np.float32) * present,
+        "image_present": present,
+    }
+    if vocabulary is not None:
+        if texts is None:
+            raise ValueError("this model has a lexical branch: pass the packed texts")
+        feeds["lex_ids"], feeds["lex_weights"] = vocabulary.transform(texts)
+    return feeds
+
+
+class FusionModel:
+    """A verified, loaded artifact ready to score embedding batches."""
+
+    def __init__(self, session: ort.InferenceSession, meta: dict):
+        self._session = session
+        self.meta = meta
+        self.labels: list[str] = list(meta["labels"])
+        self.threshold: float = float(meta["threshold"])
+        lexical = meta.get("lexical")
+        self.vocabulary = LexicalVocabulary.from_json(lexical) if lexical else None
+        self._inputs = [i.name for i in session.get_inputs()]
+
+    @classmethod
+    def from_artifact(
+        cls, data: bytes, expected_sha256: str, intra_op_threads: int = 1
+    ) -> FusionModel:
+        """Load an artifact after checking its bytes hash to ``expected_sha256``.
+
+        One intra-op thread by default: the graph is tiny and workers scale by process.
+        """
+        actual = sha256_hex(data)
+        if actual != expected_sha256.lower():
+            raise ArtifactRejected(
+                f"artifact sha256 is {actual}, the registry expects {expected_sha256}; "
+                "refusing to load it (re-export or re-register the model)"
+            )
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                meta = json.loads(archive.read(META_MEMBER))
+                onnx_bytes = archive.read(MODEL_MEMBER)
+        except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+            raise ArtifactRejected(f"not a fusion model artifact: {exc}") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ArtifactRejected(
+                f"artifact format {meta.get('format_version')!r}, this worker reads "
+                f"{FORMAT_VERSION}; upgrade the worker or retrain"
+            )
+        missing = [key for key in REQUIRED_META if key not in meta]
+        if missing:
+            raise ArtifactRejected(f"artifact meta lacks {missing}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        try:
+            session = ort.InferenceSession(
+                onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own unrelated exception types
+            raise ArtifactRejected(f"model.onnx does not load: {exc}") from exc
+        model = cls(session, meta)
+        outputs = session.get_outputs()[0].shape
+        if outputs[-1] != len(model.labels):
+            raise ArtifactRejected(
+                f"model outputs {outputs[-1]} classes, meta lists {len(model.labels)}"
+            )
+        log.info("fusion model loaded: %d classes, sha256 %s", len(model.labels), actual[:12])
+        return model
+
+    def predict(
+        self,
+        text_emb: np.ndarray,
+        image_emb: np.ndarray,
+        image_present: np.ndarray,
+        texts: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Class probabilities (n, K), columns in ``self.labels`` order.
+
+        Rows without an image need ``image_present`` 0; their ``image_emb`` is ignored.
+        """
+        text_emb = np.asarray(text_emb, dtype=np.float32)
+        image_emb = np.asarray(image_emb, dtype=np.float32)
+        n = len(text_emb)
+        if text_emb.ndim != 2 or text_emb.shape[1] != self.meta["text_dim"]:
+            raise ValueError(f"text_emb must be (n, {self.meta['text_dim']}), got {text_emb.shape}")
+        if image_emb.shape != (n, self.meta["image_dim"]):
+            raise ValueError(
+                f"image_emb must be ({n}, {self.meta['image_dim']}), got {image_emb.shape}"
+            )
+        present = np.asarray(image_present, dtype=np.float32).reshape(-1)
+        if len(present) != n or (texts is not None and len(texts) != n):
+            raise ValueError("text_emb, image_emb, image_present and texts need the same rows")
+        out = np.empty((n, len(self.labels)), dtype=np.float32)
+        for start in range(0, n, PREDICT_CHUNK):
+            rows = slice(start, start + PREDICT_CHUNK)
+            feeds = fusion_inputs(
+                self.vocabulary,
+                None if texts is None else texts[rows],
+                text_emb[rows],
+                image_emb[rows],
+                present[rows],
+            )
+            out[rows] = self._session.run(None, {k: feeds[k] for k in self._inputs})[0]
+        return out
