@@ -1,0 +1,210 @@
+"""Evaluation of a classifier's probabilities: the figures the registry and people read.
+
+Owns the metrics (accuracy, macro-F1, per-class precision/recall/F1, ECE), the
+auto-accept threshold (the lowest confidence whose accepted validation rows reach the
+target precision) with the coverage it gives on test, and the report PNGs (confusion
+matrix, reliability diagram). Everything returned is JSON-able.
+
+API:
+    metrics = evaluate(y_true, probs, labels, threshold=t, report_dir=path)
+    t = choose_threshold(y_val, probs_val, labels, target_precision=0.97)
+    metrics = score(fusion_model, data, rows=None)   # an artifact on arrays, for the gate
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+if TYPE_CHECKING:
+    from training.fit import TrainingData
+    from worker.fusion import FusionModel
+
+log = logging.getLogger(__name__)
+
+ECE_BINS = 10
+
+
+def _indices(y_true: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    index = {label: k for k, label in enumerate(labels)}
+    unknown = sorted({y for y in y_true if y not in index})
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the model's classes")
+    return np.array([index[y] for y in y_true], dtype=np.int64)
+
+
+def expected_calibration_error(
+    correct: np.ndarray, confidence: np.ndarray, bins: int = ECE_BINS
+) -> tuple[float, list[dict]]:
+    """ECE over equal-width confidence bins, with the bins for the reliability diagram."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Right-closed bins so confidence 1.0 lands in the last bin.
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        acc = float(correct[mask].mean()) if n else 0.0
+        conf = float(confidence[mask].mean()) if n else 0.0
+        ece += n / max(len(correct), 1) * abs(acc - conf)
+        table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": n,
+                      "accuracy": acc, "confidence": conf})  # fmt: skip
+    return float(ece), table
+
+
+def choose_threshold(
+    y_true: Sequence[str],
+    probs: np.ndarray,
+    labels: Sequence[str],
+    target_precision: float = 0.97,
+) -> float:
+    """Lowest confidence t such that rows with confidence >= t are right often enough.
+
+    Scans candidate thresholds from the most confident row down and keeps the loosest
+    one whose accepted set still meets ``target_precision``. If none does, returns a
+    threshold above every seen confidence (accept nothing automatically) rather than
+    silently accepting at a lower precision.
+    """
+    y = _indices(y_true, labels)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    order = np.argsort(-confidence, kind="stable")
+    precision = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    ok = np.nonzero(precision >= target_precision)[0]
+    if len(ok) == 0:
+        return float(min(1.0, confidence.max() + 1e-6)) if len(confidence) else 1.0
+    last = ok[-1]
+    # Ties: every row at the chosen confidence is accepted together, so step back to
+    # the last position where the confidence strictly drops.
+    threshold = confidence[order[last]]
+    while last + 1 < len(order) and confidence[order[last + 1]] == threshold:
+        last += 1
+    if precision[last] < target_precision:
+        threshold = np.nextafter(threshold, np.float32(2.0))
+    return float(threshold)
+
+
+def evaluate(
+    y_true: Sequence[str],
+    probs: np.ndarray,
+    labels: Sequence[str],
+    threshold: float | None = None,
+    report_dir: Path | None = None,
+    prefix: str = "",
+) -> dict:
+    """Metrics of ``probs`` (n, K; columns in ``labels`` order) against ``y_true``."""
+    labels = list(labels)
+    y = _indices(y_true, labels)
+    pred = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    correct = pred == y
+    p, r, f, support = precision_recall_fscore_support(
+        y, pred, labels=range(len(labels)), zero_division=0
+    )
+    present = support > 0  # a class absent from this test set has no meaningful F1
+    ece, bins = expected_calibration_error(correct, confidence)
+    cm = confusion_matrix(y, pred, labels=range(len(labels)))
+    metrics: dict = {
+        "n": int(len(y)),
+        "accuracy": float(correct.mean()) if len(y) else 0.0,
+        "macro_f1": float(f[present].mean()) if present.any() else 0.0,
+        "ece": ece,
+        "per_class": {
+            label: {
+                "precision": float(p[k]),
+                "recall": float(r[k]),
+                "f1": float(f[k]),
+                "support": int(support[k]),
+            }  # fmt: skip
+            for k, label in enumerate(labels)
+        },
+        "confusion_matrix": cm.tolist(),
+        "labels": labels,
+        "reliability": bins,
+    }
+    if threshold is not None:
+        accepted = confidence >= threshold
+        metrics["threshold"] = float(threshold)
+        metrics["coverage"] = float(accepted.mean()) if len(y) else 0.0
+        metrics["precision_at_threshold"] = (
+            float(correct[accepted].mean()) if accepted.any() else None
+        )
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        cm_png = _plot_confusion(cm, labels, report_dir / f"{prefix}confusion_matrix.png")
+        rel_png = _plot_reliability(bins, ece, report_dir / f"{prefix}reliability.png")
+        metrics["plots"] = {"confusion_matrix": str(cm_png), "reliability": str(rel_png)}
+    return metrics
+
+
+def score(model: FusionModel, data: TrainingData, rows: Sequence[int] | None = None) -> dict:
+    """Score a packaged model on labelled arrays (the gate compares models this way).
+
+    ``rows`` restricts to e.g. the held-out test indices; the model's own threshold
+    gives the coverage figure.
+    """
+    if rows is not None:
+        data = data.subset(np.asarray(rows))
+    probs = model.predict(data.text_emb, data.image_emb, data.image_present, data.texts)
+    return evaluate(data.labels, probs, model.labels, threshold=model.threshold)
+
+
+def _plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers or CI
+    import matplotlib.pyplot as plt
+
+    # Row-normalized: with 300:1 imbalance raw counts hide every small class.
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if cm[i, j]:
+                color = "white" if share[i, j] > 0.5 else "black"
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
+    ax.set_title("Confusion matrix (counts; color = row share)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    width = bins[0]["hi"] - bins[0]["lo"] if bins else 0.1
+    acc = [b["accuracy"] if b["n"] else 0.0 for b in bins]
+    ax.bar(centers, acc, width=width * 0.95, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    for c, b in zip(centers, bins, strict=True):
+        if b["n"]:
+            ax.text(c, 0.02, str(b["n"]), ha="center", fontsize=7, rotation=90)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability (ECE {ece:.3f}; bar labels = rows)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

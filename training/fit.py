@@ -1,0 +1,310 @@
+"""Training the fusion classifier from arrays: split, fit, evaluate, export, package.
+
+This module owns the recipe (what is trained, how, with which defaults) and the one
+entry point the CLI and the scheduled retraining call. Reading rows from the catalog
+and computing or caching embeddings happen before; registering the result after.
+
+API:
+    data = TrainingData(texts, text_emb, image_emb, image_present, labels, groups=None)
+    result = train(data, TrainParams(), report_dir=Path("reports/run-1"))
+    result.artifact, result.sha256       # bytes for the registry, and their sha256
+    result.metrics                       # JSON-able: test metrics + baseline side by side
+    result.labels, result.threshold, result.split.test
+
+    fitted = fit_model(data, split, params)   # lower level: Keras model + vocabulary only
+
+``texts`` are the packed product texts (``worker.encoders.product_text``), the same
+strings the text embeddings were computed from; the lexical branch reads them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training.splits import Split, stratified_split
+from worker.fusion import fusion_inputs
+from worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """Labelled rows as arrays, in one order; ``groups`` keep near-duplicates together."""
+
+    texts: list[str]
+    text_emb: np.ndarray  # (n, 384) float32, L2-normalized
+    image_emb: np.ndarray  # (n, D) float32, any value where image_present is 0
+    image_present: np.ndarray  # (n,) 0/1
+    labels: list[str]
+    groups: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        sizes = {len(self.texts), len(self.text_emb), len(self.image_emb), len(self.image_present)}
+        if sizes != {n}:
+            raise ValueError(f"training data: all fields need {n} rows, got sizes {sorted(sizes)}")
+
+    def subset(self, rows: np.ndarray) -> TrainingData:
+        return TrainingData(
+            texts=[self.texts[i] for i in rows],
+            text_emb=self.text_emb[rows],
+            image_emb=self.image_emb[rows],
+            image_present=self.image_present[rows],
+            labels=[self.labels[i] for i in rows],
+            groups=None if self.groups is None else [self.groups[i] for i in rows],
+        )
+
+
+@dataclass
+class TrainParams:
+    """The recipe. Defaults are the measured default (docs/training.md).
+
+    Mutable on purpose: callers fill ``encoders`` once the encoders are loaded.
+    """
+
+    seed: int = 0
+    test_size: float = 0.2
+    val_size: float = 0.15
+    epochs: int = 60
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    patience: int = 8
+    dropout: float = 0.3
+    lexical_units: int = 128
+    lexical_wide: bool = True
+    modality_dropout: float = 0.3
+    label_smoothing: float = 0.0
+    # "balanced" (n / (K * count)), "sqrt" (its square root: softer on 300:1 imbalance)
+    # or "none".
+    class_weight: str = "balanced"
+    lexical: LexicalParams | None = field(default_factory=LexicalParams)
+    target_precision: float = 0.97
+    # Recorded in the artifact so the worker packs text and picks encoders as trained.
+    text_packing: dict = field(
+        default_factory=lambda: {"template": "{name}. {description}", "max_tokens": 256}
+    )
+    encoders: dict = field(default_factory=dict)
+
+
+@dataclass
+class FittedModel:
+    """A trained Keras model with what it needs to be fed."""
+
+    model: object  # keras.Model; typed loosely so importing this module stays light
+    labels: list[str]
+    vocabulary: LexicalVocabulary | None
+    history: dict[str, list[float]]
+    seconds: float
+
+
+def class_weights(y: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    if mode == "none":
+        return None
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    w = len(y) / (num_classes * np.maximum(counts, 1.0))
+    if mode == "sqrt":
+        w = np.sqrt(w)
+    elif mode != "balanced":
+        raise ValueError(f"class_weight must be balanced, sqrt or none, not {mode!r}")
+    return {k: float(v) for k, v in enumerate(w)}
+
+
+def _seed_everything(seed: int) -> None:
+    import keras
+
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    keras.utils.set_random_seed(seed)
+
+
+def fit_model(data: TrainingData, split: Split, params: TrainParams) -> FittedModel:
+    """Fit on ``split.train``, early-stop and schedule the LR on ``split.val``."""
+    import keras
+
+    from training.model import ModelShape, build_model
+
+    started = time.perf_counter()
+    _seed_everything(params.seed)
+    labels = sorted(set(data.labels))
+    index = {label: k for k, label in enumerate(labels)}
+    y = np.array([index[label] for label in data.labels], dtype=np.int64)
+    train, val = data.subset(split.train), data.subset(split.val)
+
+    vocabulary = fit_vocabulary(train.texts, params.lexical) if params.lexical else None
+    shape = ModelShape(
+        num_classes=len(labels),
+        image_dim=data.image_emb.shape[1],
+        text_dim=data.text_emb.shape[1],
+        lexical_vocab_size=vocabulary.size if vocabulary else 0,
+        lexical_units=params.lexical_units,
+        lexical_wide=params.lexical_wide,
+        dropout=params.dropout,
+        modality_dropout=params.modality_dropout,
+    )
+    model = build_model(shape, seed=params.seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(params.learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+    )
+
+    def feeds(part: TrainingData):
+        return fusion_inputs(
+            vocabulary, part.texts, part.text_emb, part.image_emb, part.image_present
+        )
+
+    one_hot = np.eye(len(labels), dtype=np.float32)
+    history = model.fit(
+        feeds(train),
+        one_hot[y[split.train]],
+        validation_data=(feeds(val), one_hot[y[split.val]]),
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        class_weight=class_weights(y[split.train], len(labels), params.class_weight),
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=params.patience, restore_best_weights=True
+            ),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.5, patience=max(1, params.patience // 3), min_lr=1e-5
+            ),
+        ],
+        shuffle=True,
+        verbose=0,
+    )
+    seconds = time.perf_counter() - started
+    hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    log.info(
+        "fusion model: %d epochs, best val_loss %.4f, %.1fs",
+        len(hist["loss"]),
+        min(hist["val_loss"]),
+        seconds,
+    )
+    return FittedModel(model, labels, vocabulary, hist, seconds)
+
+
+def predict_keras(fitted: FittedModel, data: TrainingData, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities (n, K) from the Keras model, columns in ``fitted.labels`` order."""
+    feeds = fusion_inputs(
+        fitted.vocabulary, data.texts, data.text_emb, data.image_emb, data.image_present
+    )
+    return np.asarray(fitted.model.predict(feeds, batch_size=batch_size, verbose=0))
+
+
+def split_for(data: TrainingData, params: TrainParams) -> Split:
+    return stratified_split(
+        data.labels, params.test_size, params.val_size, params.seed, groups=data.groups
+    )
+
+
+@dataclass
+class TrainResult:
+    """What a training run hands to the registry."""
+
+    artifact: bytes
+    sha256: str
+    labels: list[str]
+    threshold: float
+    # {"test": ..., "validation": ..., "baseline": ..., "beats_baseline": bool, ...}
+    metrics: dict
+    split: Split
+    history: dict[str, list[float]]
+
+
+def _aligned(probs: np.ndarray, have: list[str], want: list[str]) -> np.ndarray:
+    out = np.zeros((len(probs), len(want)), dtype=np.float32)
+    for k, label in enumerate(have):
+        out[:, want.index(label)] = probs[:, k]
+    return out
+
+
+def train(
+    data: TrainingData, params: TrainParams | None = None, report_dir: Path | None = None
+) -> TrainResult:
+    """Split, fit, pick the threshold on validation, export with parity check, and score
+    the exported artifact and the TF-IDF baseline on the same test rows.
+
+    Test metrics are computed from the ONNX artifact through ``FusionModel`` (what the
+    worker will serve), not from Keras. ``report_dir`` receives the PNGs and metrics.json.
+    """
+    import json
+
+    from training.baseline import fit_baseline
+    from training.evaluate import choose_threshold, evaluate
+    from training.export import export_artifact
+    from worker.fusion import FusionModel
+
+    params = params or TrainParams()
+    split = split_for(data, params)
+    log.info(
+        "split: %d train, %d validation, %d test rows",
+        len(split.train),
+        len(split.val),
+        len(split.test),
+    )
+    fitted = fit_model(data, split, params)
+    val, test = data.subset(split.val), data.subset(split.test)
+    val_probs = predict_keras(fitted, val)
+    threshold = choose_threshold(val.labels, val_probs, fitted.labels, params.target_precision)
+
+    test_feeds = fusion_inputs(
+        fitted.vocabulary, test.texts, test.text_emb, test.image_emb, test.image_present
+    )
+    exported = export_artifact(
+        fitted,
+        test_feeds,
+        threshold,
+        text_packing=params.text_packing,
+        encoders=params.encoders,
+        extra_meta={"target_precision": params.target_precision},
+    )
+    served = FusionModel.from_artifact(exported.artifact, exported.sha256)
+    test_probs = served.predict(test.text_emb, test.image_emb, test.image_present, test.texts)
+    test_metrics = evaluate(test.labels, test_probs, fitted.labels, threshold, report_dir)
+
+    started = time.perf_counter()
+    rest = data.subset(np.concatenate([split.train, split.val]))
+    baseline = fit_baseline(rest.texts, rest.labels, seed=params.seed)
+    baseline_probs = _aligned(baseline.predict_proba(test.texts), baseline.labels, fitted.labels)
+    baseline_metrics = evaluate(test.labels, baseline_probs, fitted.labels)
+    baseline_metrics["seconds"] = time.perf_counter() - started
+
+    metrics = {
+        "test": test_metrics,
+        "validation": evaluate(val.labels, val_probs, fitted.labels, threshold),
+        "baseline": {k: baseline_metrics[k] for k in ("accuracy", "macro_f1", "ece", "seconds")},
+        "beats_baseline": test_metrics["macro_f1"] > baseline_metrics["macro_f1"],
+        "onnx_parity_max_abs_diff": exported.max_abs_diff,
+        "train_seconds": fitted.seconds,
+        "epochs": len(fitted.history["loss"]),
+        "split": {
+            "train": len(split.train),
+            "validation": len(split.val),
+            "test": len(split.test),
+            "grouped": data.groups is not None,
+            "seed": params.seed,
+        },  # fmt: skip
+    }
+    log.info(
+        "test macro-F1 %.4f (baseline %.4f), coverage %.1f%% at threshold %.3f",
+        test_metrics["macro_f1"],
+        baseline_metrics["macro_f1"],
+        100 * test_metrics["coverage"],
+        threshold,
+    )
+    if report_dir is not None:
+        Path(report_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(
+        artifact=exported.artifact,
+        sha256=exported.sha256,
+        labels=fitted.labels,
+        threshold=threshold,
+        metrics=metrics,
+        split=split,
+        history=fitted.history,
+    )

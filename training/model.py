@@ -1,0 +1,125 @@
+"""The Keras fusion classifier: text, image and lexical branches joined by an MLP head.
+
+``build_model`` returns a functional model whose inputs are, by name:
+
+- ``text_emb`` (n, 384): the sentence embedding of the packed product text;
+- ``image_emb`` (n, D): pooled image features, zeros where there is no image;
+- ``image_present`` (n, 1): 1.0 where ``image_emb`` is real, else 0.0;
+- ``lex_ids`` / ``lex_weights`` (n, L): the TF-IDF bag from ``worker.lexical``
+  (only when ``lexical_vocab_size`` > 0; L varies per batch).
+
+and whose single output ``probs`` is softmax over K classes. Branches follow DESIGN.md:
+text 384->256->128, image D->512->256, each layer Dense+BatchNorm+Dropout, concatenated
+(with the image-present flag) into 256->128->softmax(K). The lexical branch is an
+embedding bag (equivalent to a Dense layer over the sparse TF-IDF vector) to 256.
+
+Modality dropout hides the image of a random share of training rows (embedding and flag
+together) so the model learns to classify from text alone; it is the identity at
+inference and so vanishes from the exported graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+from keras import layers, ops
+
+TEXT_DIM = 384
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the graph needs to know about its inputs and outputs."""
+
+    num_classes: int
+    image_dim: int
+    text_dim: int = TEXT_DIM
+    lexical_vocab_size: int = 0
+    lexical_units: int = 128
+    # A linear TF-IDF -> logits path added before the softmax ("wide and deep"): the
+    # capacity of the logistic-regression baseline, inside the same graph.
+    lexical_wide: bool = True
+    dropout: float = 0.3
+    modality_dropout: float = 0.3
+
+
+class ModalityDropout(layers.Layer):
+    """In training, zero the image embedding and its present flag for a share of rows."""
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        image_emb, present = inputs
+        if not training or self.rate <= 0:
+            return image_emb, present
+        keep = ops.cast(
+            keras.random.uniform(ops.shape(present), seed=self.seed_generator) >= self.rate,
+            present.dtype,
+        )
+        return image_emb * keep, present * keep
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
+def _dense_block(x, units: int, dropout: float, name: str):
+    x = layers.Dense(units, name=f"{name}_dense")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_relu")(x)
+    return layers.Dropout(dropout, name=f"{name}_dropout")(x)
+
+
+def build_model(shape: ModelShape, seed: int = 0) -> keras.Model:
+    """A fresh, uncompiled fusion model (see the module docstring for inputs)."""
+    text_in = keras.Input((shape.text_dim,), name="text_emb")
+    image_in = keras.Input((shape.image_dim,), name="image_emb")
+    present_in = keras.Input((1,), name="image_present")
+    inputs = [text_in, image_in, present_in]
+
+    image, present = ModalityDropout(shape.modality_dropout, seed=seed, name="modality_dropout")(
+        [image_in, present_in]
+    )
+    # Multiplying by the flag guarantees a missing image contributes exactly nothing,
+    # whatever the caller put in image_emb for that row.
+    image = layers.Multiply(name="image_mask")([image, present])
+
+    t = _dense_block(text_in, 256, shape.dropout, "text1")
+    t = _dense_block(t, 128, shape.dropout, "text2")
+    i = _dense_block(image, 512, shape.dropout, "image1")
+    i = _dense_block(i, 256, shape.dropout, "image2")
+    parts = [t, i, present]
+
+    if shape.lexical_vocab_size > 0:
+        ids_in = keras.Input((None,), dtype="int64", name="lex_ids")
+        weights_in = keras.Input((None,), name="lex_weights")
+        inputs += [ids_in, weights_in]
+        table = layers.Embedding(
+            shape.lexical_vocab_size, shape.lexical_units, name="lex_embedding"
+        )(ids_in)
+        # Weighted sum over the bag == Dense over the sparse TF-IDF vector (no bias);
+        # padding has weight 0 and so drops out.
+        bag = ops.sum(table * ops.expand_dims(weights_in, -1), axis=1)
+        lex = layers.BatchNormalization(name="lex_bn")(bag)
+        lex = layers.Activation("relu", name="lex_relu")(lex)
+        parts.append(layers.Dropout(shape.dropout, name="lex_dropout")(lex))
+        if shape.lexical_wide:
+            wide_table = layers.Embedding(
+                shape.lexical_vocab_size, shape.num_classes, name="lex_wide_embedding"
+            )(ids_in)
+            wide = ops.sum(wide_table * ops.expand_dims(weights_in, -1), axis=1)
+
+    x = layers.Concatenate(name="fusion")(parts)
+    x = _dense_block(x, 256, shape.dropout, "head1")
+    x = _dense_block(x, 128, shape.dropout, "head2")
+    logits = layers.Dense(shape.num_classes, name="logits")(x)
+    if shape.lexical_vocab_size > 0 and shape.lexical_wide:
+        logits = layers.Add(name="wide_and_deep")([logits, wide])
+    probs = layers.Activation("softmax", name="probs")(logits)
+    return keras.Model(inputs=inputs, outputs=probs, name="shelver_fusion")
