@@ -383,3 +383,41 @@ def test_beat_queues_retraining_only_after_enough_new_labels(
     due = shelver(env, "beat", "--once")
     assert "retraining queued: 2 new labels" in due.stdout, due.stdout + due.stderr
     assert redis.Redis.from_url(broker_url).llen("training") == 1
+
+
+def test_a_killed_worker_loses_no_product(
+    engine: Engine,
+    env: dict[str, str],
+    artifacts,
+    shared_data: Path,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    # A short lease, so work held by the dead worker comes back within the test.
+    env = {**env, "SHELVER_LEASE_SECONDS": "10"}
+    register_champion(engine, artifacts[0], "e2e-1")
+    worker_args = ["worker", "-Q", "classify", "-c", "1"]
+    with running(["dispatch"], env, tmp_path / "dispatch.log"):
+        with running(worker_args, env, tmp_path / "worker-1.log") as doomed:
+            insert(engine, sample_products(shared_data, 150))
+            wait_for(
+                lambda: (
+                    count(engine, "SELECT count(*) FROM products WHERE status <> 'pending'") > 0
+                ),
+                60,
+                "the first results",
+                tmp_path,
+            )
+            # No warning, no cleanup: the whole process group dies mid-batch.
+            os.killpg(doomed.pid, signal.SIGKILL)
+            doomed.wait()
+        left = count(engine, "SELECT count(*) FROM products WHERE status = 'pending'")
+        assert left > 0, "the worker finished everything before it was killed"
+        with running(worker_args, env, tmp_path / "worker-2.log"):
+            wait_for(
+                lambda: count(engine, "SELECT count(*) FROM classification_queue") == 0,
+                180,
+                "the second worker to finish the dead one's work",
+                tmp_path,
+            )
+    assert count(engine, "SELECT count(*) FROM products WHERE status IN ('pending', 'failed')") == 0
+    assert count(engine, "SELECT count(DISTINCT product_id) FROM predictions") == 150

@@ -260,7 +260,9 @@ UPDATE_PRODUCTS_SQL = text(
     SET predicted_id = x.predicted_id,
         confidence = x.confidence,
         model_version_id = :model_version_id,
-        classified_at = now(),
+        -- clock_timestamp, not now(): now() is when the transaction began,
+        -- before encoding, and classified_at - created_at is our latency.
+        classified_at = clock_timestamp(),
         error = x.note,
         status = CASE WHEN x.confidence >= :threshold OR p.label_id IS NOT NULL
                       THEN 'classified' ELSE 'needs_review' END
