@@ -1,0 +1,204 @@
+"""The fusion classifier recipe: model shape, training, ONNX export, artifact, evaluation.
+
+Runs on small synthetic data (a few hundred rows) so it needs no encoders, database or
+network; one short training run is shared by the tests that need a trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from io import BytesIO
+
+import numpy as np
+import pytest
+
+from training.evaluate import choose_threshold, evaluate, score
+from training.fit import TrainingData, TrainParams, train
+from training.model import ModelShape, build_model
+from worker.fusion import ArtifactRejected, FusionModel, build_artifact, sha256_hex
+from worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
+
+LABELS = ["Cameras", "Phones", "Washers"]
+WORDS = {
+    "Cameras": ["mirrorless", "lens", "megapixel", "zoom"],
+    "Phones": ["smartphone", "sim", "unlocked", "5g"],
+    "Washers": ["drum", "spin", "laundry", "kg"],
+}
+IMAGE_DIM = 24
+
+
+def synthetic(n: int = 360, seed: int = 0) -> TrainingData:
+    """Three classes told apart by words, a noisy text embedding and (for some) an image."""
+    rng = np.random.default_rng(seed)
+    labels = [LABELS[i % 3] for i in range(n)]
+    texts, text_emb = [], np.zeros((n, 384), np.float32)
+    image_emb = rng.normal(size=(n, IMAGE_DIM)).astype(np.float32)
+    for i, label in enumerate(labels):
+        k = LABELS.index(label)
+        words = rng.choice(WORDS[label], size=2, replace=False)
+        texts.append(f"Brand{rng.integers(20)} {words[0]} model {rng.integers(900)}. {words[1]}")
+        text_emb[i] = rng.normal(scale=0.5, size=384)
+        text_emb[i, k * 10 : k * 10 + 10] += 1.0
+        image_emb[i, k] += 2.0
+    text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
+    present = (rng.random(n) < 0.6).astype(np.float32)
+    return TrainingData(texts, text_emb, image_emb, present, labels)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    report_dir = tmp_path_factory.mktemp("report")
+    data = synthetic()
+    params = TrainParams(
+        epochs=4,
+        batch_size=32,
+        lexical=LexicalParams(max_terms=2000),
+        encoders={"text": {"name": "test-text"}, "image": {"name": "test-image"}},
+    )
+    return data, train(data, params, report_dir), report_dir
+
+
+def test_model_has_the_specified_branch_shapes():
+    model = build_model(ModelShape(num_classes=7, image_dim=1280, lexical_vocab_size=50))
+    units = {layer.name: layer.units for layer in model.layers if hasattr(layer, "units")}
+    assert units == {
+        "text1_dense": 256,
+        "text2_dense": 128,
+        "image1_dense": 512,
+        "image2_dense": 256,
+        "head1_dense": 256,
+        "head2_dense": 128,
+        "logits": 7,
+    }
+    assert model.get_layer("image1_dense").kernel.shape == (1280, 512)
+    # fusion = text 128 + image 256 + present flag 1 + lexical 128
+    assert model.get_layer("fusion").output.shape[-1] == 128 + 256 + 1 + 128
+    assert [t.name for t in model.inputs] == [
+        "text_emb", "image_emb", "image_present", "lex_ids", "lex_weights",
+    ]  # fmt: skip
+    assert model.output.shape[-1] == 7
+
+
+def test_training_exports_an_artifact_that_matches_keras(trained):
+    data, result, _ = trained
+    assert result.metrics["onnx_parity_max_abs_diff"] <= 1e-4
+    assert result.sha256 == sha256_hex(result.artifact)
+    model = FusionModel.from_artifact(result.artifact, result.sha256)
+    assert model.labels == LABELS
+    assert model.threshold == pytest.approx(result.threshold)
+    assert model.meta["encoders"]["text"]["name"] == "test-text"
+    assert model.meta["lexical"]["terms"]  # vocabulary travels with the model
+    # Even four epochs learn this easy task: served predictions are mostly right.
+    test = data.subset(result.split.test)
+    probs = model.predict(test.text_emb, test.image_emb, test.image_present, test.texts)
+    assert probs.shape == (len(test.labels), 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    accuracy = np.mean(
+        [model.labels[k] == y for k, y in zip(probs.argmax(1), test.labels, strict=True)]
+    )
+    assert accuracy > 0.8
+    assert score(model, data, result.split.test)["accuracy"] == pytest.approx(accuracy)
+
+
+def test_report_has_baseline_side_by_side_and_pngs(trained):
+    _, result, report_dir = trained
+    metrics = result.metrics
+    assert set(metrics["baseline"]) >= {"macro_f1", "accuracy"}
+    assert isinstance(metrics["beats_baseline"], bool)
+    assert 0.0 <= metrics["test"]["coverage"] <= 1.0
+    json.dumps(metrics)  # the registry stores it as jsonb
+    for name in ("confusion_matrix.png", "reliability.png", "metrics.json"):
+        assert (report_dir / name).stat().st_size > 1000 or name == "metrics.json"
+    assert (report_dir / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    split = result.split
+    assert not set(split.test) & (set(split.train) | set(split.val))
+
+
+def test_tampered_artifact_is_rejected(trained):
+    _, result, _ = trained
+    tampered = bytearray(result.artifact)
+    tampered[len(tampered) // 2] ^= 0xFF
+    with pytest.raises(ArtifactRejected, match="sha256"):
+        FusionModel.from_artifact(bytes(tampered), result.sha256)
+    # A well-formed zip vouched for by its own hash but with a foreign format version.
+    with zipfile.ZipFile(BytesIO(result.artifact)) as archive:
+        meta = json.loads(archive.read("meta.json"))
+        onnx_bytes = archive.read("model.onnx")
+    meta["format_version"] = 9
+    buffer = BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("meta.json", json.dumps(meta))
+        archive.writestr("model.onnx", onnx_bytes)
+    future = buffer.getvalue()
+    with pytest.raises(ArtifactRejected, match="format"):
+        FusionModel.from_artifact(future, sha256_hex(future))
+
+
+def test_missing_image_is_served_from_text_alone(trained):
+    data, result, _ = trained
+    model = FusionModel.from_artifact(result.artifact, result.sha256)
+    rows = data.subset(np.arange(12))
+    absent = np.zeros(12, np.float32)
+    garbage = np.random.default_rng(1).normal(size=rows.image_emb.shape).astype(np.float32) * 100
+    a = model.predict(rows.text_emb, rows.image_emb, absent, rows.texts)
+    b = model.predict(rows.text_emb, garbage, absent, rows.texts)
+    np.testing.assert_array_equal(a, b)  # whatever sits in image_emb, it is ignored
+    assert np.isfinite(a).all()
+
+
+def test_artifact_bytes_are_reproducible(trained):
+    _, result, _ = trained
+    with zipfile.ZipFile(BytesIO(result.artifact)) as archive:
+        meta = json.loads(archive.read("meta.json"))
+        onnx_bytes = archive.read("model.onnx")
+    assert build_artifact(onnx_bytes, meta) == result.artifact
+
+
+def test_lexical_features_round_trip_through_json():
+    texts = ["Canon EOS mirrorless camera", "canon lens 50mm", "Samsung phone 5G", "samsung tv"]
+    vocab = fit_vocabulary(texts, LexicalParams(min_df=1, max_terms=500))
+    again = LexicalVocabulary.from_json(json.loads(json.dumps(vocab.to_json())))
+    ids, weights = vocab.transform(["canon camera", "nothing known ###"])
+    ids2, weights2 = again.transform(["canon camera", "nothing known ###"])
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(weights, weights2, rtol=1e-6)
+    assert np.linalg.norm(weights[0]) == pytest.approx(1.0, abs=1e-6)
+    assert "w:canon" in vocab.terms and "c: ca" in vocab.terms
+    # "nothing known" shares no term with the vocabulary except char n-grams it may hit;
+    # an empty text is pure padding.
+    empty_ids, empty_w = vocab.transform([""])
+    assert empty_ids.tolist() == [[0]] and empty_w.tolist() == [[0.0]]
+
+
+def test_evaluation_figures_on_a_hand_made_example(tmp_path):
+    labels = ["a", "b"]
+    y = ["a", "a", "a", "b", "b"]
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.45, 0.55]])
+    m = evaluate(y, probs, labels, threshold=0.7, report_dir=tmp_path)
+    assert m["accuracy"] == pytest.approx(0.8)
+    # a: P=1, R=2/3, F1=0.8; b: P=2/3, R=1, F1=0.8
+    assert m["per_class"]["a"]["recall"] == pytest.approx(2 / 3)
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx(0.8)
+    assert m["confusion_matrix"] == [[2, 1], [0, 2]]
+    # Accepted at 0.7: 0.9, 0.8, 0.7 -> 3/5 rows, all right.
+    assert m["coverage"] == pytest.approx(0.6)
+    assert m["precision_at_threshold"] == pytest.approx(1.0)
+    # ECE: bins (0.5,0.6] {0.6 wrong, 0.55 right}, (0.6,0.7] {0.7 right}, (0.7,0.8] {0.8
+    # right}, (0.8,0.9] {0.9 right}: (2*|0.5-0.575| + 0.3 + 0.2 + 0.1) / 5
+    assert m["ece"] == pytest.approx((2 * 0.075 + 0.3 + 0.2 + 0.1) / 5)
+    assert (tmp_path / "confusion_matrix.png").exists() and (tmp_path / "reliability.png").exists()
+
+
+def test_threshold_is_the_loosest_that_meets_the_target_precision():
+    labels = ["a", "b"]
+    y = ["a", "a", "b", "b", "a"]
+    # By confidence: 0.95 right, 0.9 right, 0.8 wrong, 0.7 right, 0.6 right.
+    probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert choose_threshold(y, probs, labels, target_precision=0.75) == pytest.approx(0.6)
+    assert choose_threshold(y, probs, labels, target_precision=0.97) == pytest.approx(0.9)
+    # Nobody reaches it: accept nothing rather than accept at lower precision.
+    wrong = np.array([[0.2, 0.8], [0.3, 0.7]])
+    t = choose_threshold(["a", "a"], wrong, labels, target_precision=0.9)
+    assert t > 0.8
