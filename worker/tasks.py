@@ -23,7 +23,12 @@ def _warm_up(**_: object) -> None:
     # Connections inherited from the parent over fork() would be shared by two
     # processes; drop them (without closing the parent's sockets).
     get_engine().dispose(close=False)
-    get_runtime().champion()
+    try:
+        get_runtime().champion()
+    except Exception:
+        # PostgreSQL not reachable yet: the first task loads the champion instead.
+        # Missing encoders cannot get here, `shelver worker` checks them first.
+        log.exception("could not warm up; the first task will try again")
 
 
 @app.task(name=CLASSIFY_TASK, bind=True)
