@@ -183,7 +183,10 @@ def run_worker(
     queues: Annotated[
         str, typer.Option("-Q", "--queues", help="Comma-separated: classify, backfill, training.")
     ] = "classify,backfill",
-    concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="Pool processes.")] = 1,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("-c", "--concurrency", help="Pool processes (default: one per core)."),
+    ] = None,
     pool: Annotated[
         str, typer.Option("-P", "--pool", help="prefork, solo or threads.")
     ] = "prefork",
@@ -210,8 +213,11 @@ def run_worker(
             check_encoders(settings.model_dir)
         except EncoderUnavailable as exc:
             raise UserError(str(exc)) from exc
-    # Processes share the cores: by default each gets its slice for onnxruntime.
-    per_process = threads or max(1, (os.cpu_count() or 1) // max(1, concurrency))
+    # Measured (docs/operations.md): one single-threaded process per core beats
+    # one process with a thread per core, since decoding and DB round trips
+    # would leave the second core idle between onnxruntime calls.
+    concurrency = concurrency or os.cpu_count() or 1
+    per_process = threads or max(1, (os.cpu_count() or 1) // concurrency)
     os.environ["SHELVER_ORT_THREADS"] = str(per_process)
     from worker.celery_app import app as celery_app
 
