@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from catalog import embeddings as cache
 from catalog import queue
 from worker.encoders import ImageEncoder, TextEncoder, product_text
-from worker.images import ImageRejected, ImageSettings, load_image
+from worker.featurize import ProductInput, embed_products
+from worker.images import ImageSettings
 
 log = logging.getLogger(__name__)
 
@@ -128,24 +129,34 @@ class FusionClassifier:
         self.threshold: float = champion.threshold
 
     def score(self, db: Session, rows: Sequence[ProductRow]) -> ScoredBatch:
-        texts = [row.text for row in rows]
-        text_emb, new_text = self._text_embeddings(db, rows, texts)
-        image_emb, present, notes, new_image = self._image_embeddings(db, rows)
+        features = embed_products(
+            db,
+            [ProductInput(r.id, r.content_hash, r.name, r.description, r.image_uri) for r in rows],
+            self.text_encoder,
+            self.image_encoder,
+            self.image_settings,
+        )
+        texts, present = features.texts, features.image_present
         outcomes: list[Outcome] = []
         usable = []
         for i, row in enumerate(rows):
+            error = features.image_errors.get(row.id)
+            note = f"image not used: {error}" if error else None
             if not texts[i].strip() and not present[i]:
                 reason = "no usable text and no usable image"
-                if notes[i]:
-                    reason += f" ({notes[i]})"
+                if error:
+                    reason += f" ({note})"
                 outcomes.append(Outcome(row.id, row.content_hash, failure=reason))
             else:
                 usable.append(i)
-                outcomes.append(Outcome(row.id, row.content_hash, note=notes[i]))
+                outcomes.append(Outcome(row.id, row.content_hash, note=note))
         if usable:
             model = self.champion.model
             probs = model.predict(
-                text_emb[usable], image_emb[usable], present[usable], [texts[i] for i in usable]
+                features.text_emb[usable],
+                features.image_emb[usable],
+                present[usable],
+                [texts[i] for i in usable],
             )
             for i, p in zip(usable, probs, strict=True):
                 best = int(np.argmax(p))
@@ -154,61 +165,11 @@ class FusionClassifier:
                 outcomes[i].top_k = top_k(p, model.labels)
         return ScoredBatch(
             outcomes,
-            {self.text_encoder.identity: new_text, self.image_encoder.identity: new_image},
+            {
+                self.text_encoder.identity: features.new_text,
+                self.image_encoder.identity: features.new_image,
+            },
         )
-
-    def _text_embeddings(
-        self, db: Session, rows: Sequence[ProductRow], texts: list[str]
-    ) -> tuple[np.ndarray, list[cache.CachedEmbedding]]:
-        out = np.zeros((len(rows), self.text_encoder.dim), dtype=np.float32)
-        cached = cache.get_cached(
-            db, self.text_encoder.identity, [(r.id, r.content_hash) for r in rows]
-        )
-        missing = []
-        for i, row in enumerate(rows):
-            if row.id in cached:
-                out[i] = cached[row.id]
-            else:
-                missing.append(i)
-        if missing:
-            out[missing] = self.text_encoder.encode([texts[i] for i in missing])
-        fresh = [cache.CachedEmbedding(rows[i].id, rows[i].content_hash, out[i]) for i in missing]
-        return out, fresh
-
-    def _image_embeddings(
-        self, db: Session, rows: Sequence[ProductRow]
-    ) -> tuple[np.ndarray, np.ndarray, list[str | None], list[cache.CachedEmbedding]]:
-        n = len(rows)
-        out = np.zeros((n, self.image_encoder.dim), dtype=np.float32)
-        present = np.zeros(n, dtype=np.float32)
-        notes: list[str | None] = [None] * n
-        with_image = [i for i, row in enumerate(rows) if row.image_uri]
-        cached = cache.get_cached(
-            db,
-            self.image_encoder.identity,
-            [(rows[i].id, rows[i].content_hash) for i in with_image],
-        )
-        to_encode: list[int] = []
-        images = []
-        for i in with_image:
-            row = rows[i]
-            if row.id in cached:
-                out[i] = cached[row.id]
-                present[i] = 1
-                continue
-            try:
-                images.append(load_image(row.image_uri, self.image_settings))
-                to_encode.append(i)
-            except ImageRejected as exc:
-                notes[i] = f"image not used: {exc}"
-            except Exception as exc:  # one hostile file must not take the batch with it
-                log.warning("product %s: unexpected error loading its image", row.id, exc_info=True)
-                notes[i] = f"image not used: error: {type(exc).__name__}: {exc}"
-        if to_encode:
-            out[to_encode] = self.image_encoder.encode(images)
-            present[to_encode] = 1
-        fresh = [cache.CachedEmbedding(rows[i].id, rows[i].content_hash, out[i]) for i in to_encode]
-        return out, present, notes, fresh
 
 
 LOCK_SQL = text(

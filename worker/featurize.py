@@ -95,6 +95,10 @@ def embed_products(
             loaded_rows.append(i)
         except ImageRejected as exc:
             errors[products[i].product_id] = str(exc)
+        except Exception as exc:  # one hostile file must not take the batch with it
+            log.warning("product %s: unexpected error loading its image", products[i].product_id,
+                        exc_info=True)  # fmt: skip
+            errors[products[i].product_id] = f"error: {type(exc).__name__}: {exc}"
     new_image: list[CachedEmbedding] = []
     if loaded_images:
         vectors = image_encoder.encode(loaded_images)
