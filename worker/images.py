@@ -127,7 +127,11 @@ def _read_local(path: Path, settings: ImageSettings) -> bytes:
     real = resolve_local(path, settings)
     try:
         # O_NOFOLLOW: the checked path must not be swapped for a link between check and open.
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: opening a FIFO (or a device) would otherwise block the worker until
+        # someone writes to it; with it the open returns and fstat below refuses the file.
+        fd = os.open(
+            real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        )
     except FileNotFoundError as exc:
         raise ImageRejected("not_found", f"no image file at {path}") from exc
     except OSError as exc:
