@@ -625,3 +625,130 @@ def review(
         )
     console.print(table)
     console.print("record a verdict with: shelver review --set SKU=CATEGORY")
+
+
+@app.command("demo")
+def demo(
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="A labeled CSV: import it, train on it, and classify its rows."
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for classification.")] = 300.0,
+) -> None:
+    """Run the whole event path here: services, encoders, a champion, dispatcher, worker, products.
+
+    With SHELVER_DATABASE_URL and SHELVER_BROKER_URL unset it starts an embedded
+    PostgreSQL and Valkey and stops them at the end.
+    """
+    from rich.live import Live
+
+    from catalog.db import engine_for
+    from catalog.migrate import upgrade
+    from catalog.settings import sqlalchemy_url
+    from worker import demo as steps
+
+    settings = get_settings()
+    if data is not None and not data.exists():
+        raise UserError(f"{data}: no such file")
+    with steps.services(settings) as (database_url, broker_url, embedded):
+        where = "embedded, stopped when the demo ends" if embedded else "from your settings"
+        console.print(f"[bold]1.[/bold] PostgreSQL and Redis are up ({where})")
+        upgrade(database_url)
+        console.print("[bold]2.[/bold] catalog schema migrated (tables, trigger, queue)")
+        if not steps.encoders_ready(settings.model_dir):
+            console.print("    exporting the encoders to ONNX, once (about a minute)")
+            from training.encoder_export import export_encoders
+
+            export_encoders(settings.model_dir)
+        console.print(f"[bold]3.[/bold] encoders ready in {settings.model_dir}")
+        engine = engine_for(sqlalchemy_url(database_url))
+        image_root = data.resolve().parent if data is not None else None
+        if data is not None:
+            from catalog.importer import import_file
+            from training.pipeline import train_and_register
+
+            report = import_file(engine, data, progress=True)
+            console.print(f"    imported {report.inserted + report.updated} rows from {data}")
+            run_settings = settings.model_copy(
+                update={"database_url": database_url, "image_roots": [image_root]}
+            )
+            outcome = train_and_register(engine, run_settings, promote="force")
+            console.print(f"[bold]4.[/bold] trained {outcome.model.version} on {data}; champion")
+            _print_training(outcome)
+        else:
+            from training.bundle import register_bundled
+
+            record = register_bundled(engine)
+            console.print(
+                f"[bold]4.[/bold] champion: {record.version} (the bundled default model)"
+                if record
+                else "[bold]4.[/bold] the catalog already has a champion; using it"
+            )
+        env = steps.process_env(database_url, broker_url, settings, image_root)
+        with steps.event_path(env, Path(settings.data_dir)) as running:
+            console.print("[bold]5.[/bold] dispatcher and worker started")
+            if data is not None:
+                done = _watch_queue(steps, database_url, running, timeout)
+            else:
+                skus = steps.insert_demo_products(database_url)
+                console.print(f"[bold]6.[/bold] inserted {len(skus)} products with plain SQL")
+                with Live(console=console, refresh_per_second=4) as live:
+
+                    def all_terminal() -> bool:
+                        rows = steps.snapshot(database_url, skus)
+                        live.update(_demo_table(rows))
+                        if not running.alive():
+                            raise UserError(f"a demo process died; see {running.log_path}")
+                        return all(r.status in steps.TERMINAL for r in rows)
+
+                    done = steps.wait_until(all_terminal, timeout)
+                console.print()
+                rows = steps.snapshot(database_url, skus)
+                review = sum(r.status == "needs_review" for r in rows)
+                console.print(
+                    f"{len(rows) - review} classified automatically, {review} left for a person "
+                    "(`shelver review`)"
+                )
+        if not done:
+            raise UserError(f"not everything was classified in {timeout:.0f} s; "
+                            f"see {running.log_path}")  # fmt: skip
+    console.print("[bold]done.[/bold] everything the demo started is stopped.")
+
+
+def _demo_table(rows) -> Table:
+    table = Table(title="products, as the worker classifies them")
+    table.add_column("product", max_width=26, overflow="ellipsis", no_wrap=True)
+    table.add_column("category", no_wrap=True)
+    table.add_column("conf.", justify="right", no_wrap=True, min_width=5)
+    table.add_column("status", no_wrap=True, min_width=12)
+    colours = {"classified": "green", "needs_review": "yellow", "failed": "red"}
+    for r in rows:
+        table.add_row(
+            r.name,
+            r.category or "",
+            f"{r.confidence:.2f}" if r.confidence is not None else "",
+            f"[{colours.get(r.status, 'white')}]{r.status}[/]",
+        )
+    return table
+
+
+def _watch_queue(steps, database_url: str, running, timeout: float) -> bool:
+    from rich.progress import Progress
+
+    total, _ = steps.queue_depth(database_url)
+    with Progress(console=console) as bar:
+        task = bar.add_task("classifying imported rows", total=total)
+
+        def drained() -> bool:
+            depth, _ = steps.queue_depth(database_url)
+            bar.update(task, completed=total - depth)
+            if not running.alive():
+                raise UserError(f"a demo process died; see {running.log_path}")
+            return depth == 0
+
+        done = steps.wait_until(drained, timeout)
+    _, counts = steps.queue_depth(database_url)
+    console.print("products by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return done
