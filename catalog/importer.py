@@ -95,6 +95,9 @@ def read_csv(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejec
     # Undecodable bytes become lone surrogates, so one bad row is reported
     # instead of the whole file failing to decode.
     text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    # The csv module's own field limit (128 KiB) is below FIELD_LIMITS and would report a long
+    # description as "broken quoting"; no field can be longer than the file, so let _check judge.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader)
