@@ -16,6 +16,7 @@ from sqlalchemy import Engine, text
 from catalog import embeddings
 from catalog.settings import Settings
 from training.fit import TrainingData
+from training.splits import title_prefix_groups
 from worker.encoders import ImageEncoder, TextEncoder
 from worker.featurize import ProductInput, embed_products
 
@@ -74,6 +75,9 @@ def load_labeled_set(
         image_emb=np.concatenate([f.image_emb for f in parts]),
         image_present=np.concatenate([f.image_present for f in parts]),
         labels=[label for _, label in rows],
+        # Near-identical titles stay on one side of the split, and each title's side is
+        # stable from one run to the next (see training/splits.py).
+        groups=title_prefix_groups([product.name for product, _ in rows]),
     )
     log.info(
         "training set: %d labeled products, %d with a usable image",

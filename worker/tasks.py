@@ -60,5 +60,10 @@ def retrain(self) -> None:  # noqa: ANN001
     from catalog.db import get_engine
     from training.pipeline import train_and_register
 
-    result = train_and_register(get_engine(), promote="auto")
-    log.info("scheduled retraining finished: %s", result)
+    outcome = train_and_register(get_engine(), get_settings(), promote="auto")
+    log.info(
+        "scheduled retraining: %s %s (%s)",
+        outcome.model.version,
+        "promoted" if outcome.promoted else outcome.model.status,
+        "; ".join(outcome.decision.reasons) if outcome.decision else "",
+    )

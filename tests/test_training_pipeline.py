@@ -1,0 +1,183 @@
+"""Training from the catalog, the report, the gate, rollback, evaluate, and scheduled retraining.
+
+These run the real recipe (TensorFlow, tf2onnx, onnxruntime) on a few hundred
+Flipkart rows, through the CLI as a user would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from test_classify import export_or_reuse_encoders
+
+from catalog.importer import import_file
+
+pytestmark = pytest.mark.slow
+
+SHELVER = [sys.executable, "-m", "worker"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
+
+
+def flipkart_rows(shared_data: Path) -> dict[str, list[dict[str, str]]]:
+    by_class: dict[str, list[dict[str, str]]] = defaultdict(list)
+    with (shared_data / "flipkart" / "products.csv").open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["image"]:
+                row["image"] = str(shared_data / "flipkart" / row["image"])
+            by_class[row["category"]].append(row)
+    return by_class
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["id", "name", "description", "category", "image",
+                                                "source"])  # fmt: skip
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def env(database_url: str, encoder_dir: Path, shared_data: Path, tmp_path: Path) -> dict:
+    return {
+        **os.environ,
+        "SHELVER_DATABASE_URL": database_url,
+        "SHELVER_MODEL_DIR": str(encoder_dir),
+        "SHELVER_DATA_DIR": str(tmp_path / "var"),
+        "SHELVER_IMAGE_ROOTS": json.dumps([str(shared_data)]),
+        "SHELVER_PROMOTE_MIN_IMPROVEMENT": "0.005",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def shelver(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SHELVER, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def statuses(engine: Engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(text("SELECT version, status FROM model_versions")).all())
+
+
+def keep_labels(engine: Engine, per_class: int) -> None:
+    """Leave only the first ``per_class`` labels of each category (by product id)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                """
+                UPDATE products p SET label_id = NULL, label_source = NULL
+                FROM (SELECT id, row_number() OVER (PARTITION BY label_id ORDER BY id) AS k
+                      FROM products WHERE label_id IS NOT NULL) r
+                WHERE p.id = r.id AND r.k > :n
+                """
+            ),
+            {"n": per_class},
+        )
+
+
+def test_train_report_gate_rollback_and_evaluate(
+    engine: Engine, env: dict, shared_data: Path, tmp_path: Path
+) -> None:
+    by_class = flipkart_rows(shared_data)
+    train_rows = [r for rows in by_class.values() for r in rows[:40]]
+    import_file(engine, write_csv(tmp_path / "train.csv", train_rows))
+
+    # v1: a weak model from 10 labels per category; first model, always promoted.
+    keep_labels(engine, 10)
+    first = shelver(env, "train")
+    assert first.returncode == 0, first.stderr
+    assert "v1: promoted to champion" in first.stdout
+    report = next((tmp_path / "var" / "reports").glob("run-*"))
+    assert {"confusion_matrix.png", "reliability.png", "metrics.json"} <= {
+        p.name for p in report.iterdir()
+    }
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert {"accuracy", "macro_f1", "per_class", "ece", "coverage"} <= set(metrics["test"])
+    assert "macro_f1" in metrics["baseline"]
+
+    # v2: all 40 labels per category; better on its own test rows, so promoted.
+    import_file(engine, write_csv(tmp_path / "train.csv", train_rows))
+    second = shelver(env, "train")
+    assert second.returncode == 0, second.stderr
+    assert statuses(engine) == {"v1": "retired", "v2": "champion"}, second.stdout
+
+    # v3: back to 10 labels per category; it cannot beat v2 on its test rows.
+    keep_labels(engine, 10)
+    third = shelver(env, "train")
+    assert third.returncode == 0, third.stderr
+    assert statuses(engine)["v3"] == "rejected", third.stdout
+    assert statuses(engine)["v2"] == "champion"
+
+    rollback = shelver(env, "models", "rollback")
+    assert rollback.returncode == 0, rollback.stderr
+    assert statuses(engine) == {"v1": "champion", "v2": "rejected", "v3": "rejected"}
+
+    with engine.connect() as conn:
+        runs = conn.execute(text("SELECT status FROM training_runs ORDER BY id")).scalars().all()
+        products_before = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
+    assert runs == ["succeeded"] * 3
+
+    held_out = [r for rows in by_class.values() for r in rows[100:108]]
+    held_out += [dict(held_out[0], id="x1", category="Garden"), dict(held_out[1], id="x2",
+                                                                   category="Garden")]  # fmt: skip
+    result = shelver(env, "evaluate", str(write_csv(tmp_path / "held.csv", held_out)), "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["model"] == "v1"
+    assert scores["n"] == len(held_out)
+    assert scores["unknown_categories"] == {"Garden": 2}
+    assert scores["per_class"]["Garden"]["recall"] == 0.0
+    assert 0.0 < scores["accuracy"] <= (len(held_out) - 2) / len(held_out)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM products")).scalar_one() == products_before
+
+
+def test_scheduled_retraining_runs_on_the_training_queue(
+    engine: Engine, env: dict, broker_url: str, shared_data: Path, tmp_path: Path
+) -> None:
+    by_class = flipkart_rows(shared_data)
+    import_file(
+        engine,
+        write_csv(tmp_path / "train.csv", [r for rows in by_class.values() for r in rows[:15]]),
+    )
+    env = {**env, "SHELVER_BROKER_URL": broker_url, "SHELVER_RETRAIN_MIN_NEW_LABELS": "50"}
+    trainer = subprocess.Popen(
+        [*SHELVER, "worker", "-Q", "training", "-c", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        beat = shelver(env, "beat", "--once", timeout=60)
+        assert beat.returncode == 0, beat.stderr
+        deadline = time.monotonic() + 480
+        while time.monotonic() < deadline:
+            if statuses(engine):
+                break
+            time.sleep(2)
+        assert statuses(engine) == {"v1": "champion"}
+        # Nothing new since: the next check queues nothing.
+        again = shelver(env, "beat", "--once", timeout=60)
+        assert again.returncode == 0
+        time.sleep(5)
+        with engine.connect() as conn:
+            runs = conn.execute(text("SELECT count(*) FROM training_runs")).scalar_one()
+        assert runs == 1
+    finally:
+        trainer.terminate()
+        trainer.wait(timeout=60)
