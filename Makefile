@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The install stamp tracks pyproject.toml: edit the pins and the next make reinstalls.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench-import clean
+.PHONY: demo test lint format bench-import default-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff format .
+
+# Rebuilds worker/default_model/ from the shared Best Buy data (see README, "The bundled model").
+default-model: $(STAMP)
+	$(BIN)/python -m training.bundle ../shared/data/bestbuy/products.csv
 
 bench-import: $(STAMP)
 	$(BIN)/python benchmarks/import_pricerunner.py

@@ -75,3 +75,64 @@ def register_bundled(engine: Engine, source: Path = BUNDLE_DIR) -> registry.Mode
                 threshold=card["threshold"],
             )
         return registry.promote(conn, card["version"])
+
+
+def build_default_model(data: Path, target: Path = BUNDLE_DIR) -> Path:
+    """Reproduce the bundled model: a scratch embedded catalog, import ``data``, train, bundle.
+
+    Uses SHELVER_MODEL_DIR's encoders (exported first if missing) and nothing
+    else from the environment, so the result depends only on the data, the
+    encoders and the recipe's fixed seed.
+    """
+    import tempfile
+
+    from catalog.db import engine_for
+    from catalog.embedded import create_database, embedded_services
+    from catalog.importer import import_file
+    from catalog.migrate import upgrade
+    from catalog.settings import get_settings, sqlalchemy_url
+    from training.pipeline import train_and_register
+    from worker.encoders import EncoderUnavailable, load_encoders
+
+    settings = get_settings()
+    try:
+        load_encoders(settings.model_dir)
+    except EncoderUnavailable:
+        from training.encoder_export import export_encoders
+
+        export_encoders(settings.model_dir)
+    with (
+        tempfile.TemporaryDirectory(prefix="shelver-bundle-") as tmp,
+        embedded_services(Path(tmp)) as (server, _broker),
+    ):
+        url = create_database(server, "shelver")
+        upgrade(url)
+        engine = engine_for(sqlalchemy_url(url))
+        import_file(engine, data)
+        run_settings = settings.model_copy(
+            update={
+                "database_url": url,
+                "image_roots": [data.resolve().parent],
+                "data_dir": Path(tmp) / "var",
+            }
+        )
+        outcome = train_and_register(engine, run_settings, promote="force")
+        card = bundle(engine, outcome.model.version, target, source=str(data))
+        engine.dispose()
+    return card
+
+
+if __name__ == "__main__":
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description="Rebuild Shelver's bundled default model.")
+    parser.add_argument(
+        "data", type=Path, help="labeled CSV, e.g. ../shared/data/bestbuy/products.csv"
+    )
+    parser.add_argument("--out", type=Path, default=BUNDLE_DIR)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    print(build_default_model(args.data, args.out).read_text())
