@@ -35,14 +35,16 @@ DATA = Path(os.environ.get("SHELVER_BENCH_DATA", "/work/shared/data"))
 CACHE = Path(os.environ.get("SHELVER_BENCH_CACHE", "/tmp/shelver_emb"))
 
 RECIPES = {
-    # DESIGN.md as written: text + image branches only.
-    "plain": TrainParams(lexical=None),
-    # The default: plus the TF-IDF lexical branch (deep 128-unit bag + wide logits).
+    # DESIGN.md as written: text + image branches only, no lexical features.
+    "plain": TrainParams(lexical=None, linear_c=None),
+    # The default: the plain network mixed with logistic regression over the TF-IDF bag.
     "default": TrainParams(),
-    "no_wide": TrainParams(lexical_wide=False),
-    "label_smoothing": TrainParams(label_smoothing=0.1),
-    "sqrt_class_weight": TrainParams(class_weight="sqrt"),
-    "vocab_20k": TrainParams(lexical=LexicalParams(max_terms=20000)),
+    # The previous default: a wide-and-deep lexical branch inside the network, no mix.
+    "wide_deep": TrainParams(
+        lexical=LexicalParams(), lexical_units=128, lexical_wide=True, linear_c=None
+    ),
+    # Both: the wide-and-deep network mixed with the linear model.
+    "wide_deep_mix": TrainParams(lexical_units=128, lexical_wide=True),
 }
 
 
@@ -135,7 +137,9 @@ def main() -> None:
     parser.add_argument("--grouped", action="store_true", help="group rows by title prefix")
     args = parser.parse_args()
 
-    print("dataset      split    seed recipe              macro_f1  accuracy  epochs  fit_s")
+    print(
+        "dataset      split    seed recipe              macro_f1  accuracy  epochs  fit_s  linear"
+    )
     for dataset in args.datasets.split(","):
         data = load(dataset, args.grouped)
         split_kind = "grouped" if args.grouped else "random"
@@ -161,7 +165,8 @@ def main() -> None:
                     f"{dataset:12s} {split_kind:8s} {seed:4d} {name:18s} "
                     f"{f1_score(test.labels, predicted, average='macro'):9.4f} "
                     f"{accuracy_score(test.labels, predicted):9.4f} "
-                    f"{len(fitted.history['loss']):7d} {fitted.seconds:6.0f}",
+                    f"{len(fitted.history['loss']):7d} {fitted.seconds:6.0f} "
+                    f"{fitted.linear_weight:7.1f}",
                     flush=True,
                 )
 

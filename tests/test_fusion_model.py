@@ -14,9 +14,17 @@ import numpy as np
 import pytest
 
 from training.evaluate import choose_threshold, evaluate, score
-from training.fit import TrainingData, TrainParams, train
-from training.model import ModelShape, build_model
-from worker.fusion import ArtifactRejected, FusionModel, build_artifact, sha256_hex
+from training.export import check_parity, to_onnx
+from training.fit import (
+    TrainingData,
+    TrainParams,
+    choose_linear_weight,
+    fit_linear,
+    lexical_matrix,
+    train,
+)
+from training.model import ModelShape, build_ensemble, build_model
+from worker.fusion import ArtifactRejected, FusionModel, build_artifact, fusion_inputs, sha256_hex
 from worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
 
 LABELS = ["Cameras", "Phones", "Washers"]
@@ -89,6 +97,8 @@ def test_training_exports_an_artifact_that_matches_keras(trained):
     assert model.threshold == pytest.approx(result.threshold)
     assert model.meta["encoders"]["text"]["name"] == "test-text"
     assert model.meta["lexical"]["terms"]  # vocabulary travels with the model
+    assert {"lex_ids", "lex_weights"} <= set(model.meta["inputs"])
+    assert 0.0 <= result.metrics["linear_weight"] <= 1.0
     # Even four epochs learn this easy task: served predictions are mostly right.
     test = data.subset(result.split.test)
     probs = model.predict(test.text_emb, test.image_emb, test.image_present, test.texts)
@@ -153,6 +163,42 @@ def test_artifact_bytes_are_reproducible(trained):
         meta = json.loads(archive.read("meta.json"))
         onnx_bytes = archive.read("model.onnx")
     assert build_artifact(onnx_bytes, meta) == result.artifact
+
+
+def test_linear_model_mixed_in_the_graph_matches_its_numpy_form():
+    data = synthetic(n=90)
+    vocab = fit_vocabulary(data.texts, LexicalParams(min_df=1))
+    features = lexical_matrix(vocab, data.texts)
+    y = np.array([LABELS.index(label) for label in data.labels])
+    linear, _ = fit_linear(features, y, num_classes=3, c=10.0)
+    mlp = build_model(ModelShape(num_classes=3, image_dim=IMAGE_DIM))
+    mixed = build_ensemble(mlp, linear.coef, linear.bias, linear_weight=0.7)
+    feeds = fusion_inputs(vocab, data.texts, data.text_emb, data.image_emb, data.image_present)
+    expected = 0.7 * linear.predict_proba(features) + 0.3 * np.asarray(
+        mlp.predict({k: feeds[k] for k in ("text_emb", "image_emb", "image_present")}, verbose=0)
+    )
+    np.testing.assert_allclose(mixed.predict(feeds, verbose=0), expected, atol=1e-5)
+    assert check_parity(to_onnx(mixed), mixed, feeds) <= 1e-4
+
+
+def test_binary_linear_model_keeps_scikit_learns_probabilities():
+    data = synthetic(n=60)
+    two = [i for i, label in enumerate(data.labels) if label != "Washers"]
+    texts = [data.texts[i] for i in two]
+    y = np.array([LABELS.index(data.labels[i]) for i in two])
+    features = lexical_matrix(fit_vocabulary(texts, LexicalParams(min_df=1)), texts)
+    linear, estimator = fit_linear(features, y, num_classes=3, c=1.0)
+    probs = linear.predict_proba(features)
+    np.testing.assert_allclose(probs[:, :2], estimator.predict_proba(features), atol=1e-5)
+    assert probs[:, 2].max() < 1e-6  # a class with no training rows is never predicted
+
+
+def test_linear_share_ties_go_to_the_linear_model():
+    y = np.array([0, 1, 0, 1])
+    right = np.eye(2)[y]
+    assert choose_linear_weight(y, right, right, (0.0, 0.5, 1.0)) == 1.0
+    assert choose_linear_weight(y, right, 1 - right, (0.0, 0.5, 1.0)) == 1.0
+    assert choose_linear_weight(y, 1 - right, right, (0.0, 0.5, 1.0)) == 0.0
 
 
 def test_lexical_features_round_trip_through_json():

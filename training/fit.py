@@ -13,6 +13,10 @@ API:
 
     fitted = fit_model(data, split, params)   # lower level: Keras model + vocabulary only
 
+The model is an ensemble: a logistic regression over the TF-IDF bag (convex, fitted
+with scikit-learn, carried as plain weights inside the graph) mixed with the neural
+fusion model, the mix chosen on validation. See docs/training.md for why.
+
 ``texts`` are the packed product texts (``worker.encoders.product_text``), the same
 strings the text embeddings were computed from; the lexical branch reads them too.
 """
@@ -74,17 +78,31 @@ class TrainParams:
     val_size: float = 0.15
     epochs: int = 60
     batch_size: int = 64
+    # Above this many training rows batches grow to ``large_batch_size``: the same
+    # epochs at a fraction of the steps, which keeps 25k rows within two minutes.
+    large_rows: int = 10000
+    large_batch_size: int = 512
     learning_rate: float = 1e-3
     patience: int = 8
     dropout: float = 0.3
-    lexical_units: int = 128
-    lexical_wide: bool = True
+    # 0: the neural model has no lexical branch and reads embeddings only.
+    lexical_units: int = 0
+    lexical_wide: bool = False
+    # Logistic regression over the lexical bag (the baseline's model on the artifact's
+    # own features), inverse regularization C; None leaves the neural model alone.
+    linear_c: float | None = 10.0
+    # Candidate shares of the linear model in the mix; validation macro-F1 picks one.
+    linear_weights: tuple[float, ...] = tuple(k / 10 for k in range(11))
     modality_dropout: float = 0.3
     label_smoothing: float = 0.0
     # "balanced" (n / (K * count)), "sqrt" (its square root: softer on 300:1 imbalance)
     # or "none".
     class_weight: str = "balanced"
-    lexical: LexicalParams | None = field(default_factory=LexicalParams)
+    # Close to the baseline's TF-IDF, which the linear model needs to match it: terms
+    # seen once are kept (rare model numbers are telling) and rows are barely cut.
+    lexical: LexicalParams | None = field(
+        default_factory=lambda: LexicalParams(min_df=1, max_terms=200000, max_row_terms=1024)
+    )
     target_precision: float = 0.97
     # Recorded in the artifact so the worker packs text and picks encoders as trained.
     text_packing: dict = field(
@@ -102,6 +120,80 @@ class FittedModel:
     vocabulary: LexicalVocabulary | None
     history: dict[str, list[float]]
     seconds: float
+    # Validation probabilities of ``model`` as chosen, from parts that did not see the
+    # validation rows (the served linear model is refitted on them afterwards).
+    val_probs: np.ndarray
+    linear_weight: float = 0.0
+
+
+@dataclass
+class LinearModel:
+    """Softmax regression over the lexical bag as plain arrays (ids index ``coef``)."""
+
+    coef: np.ndarray  # (vocabulary size, K) float32; row 0 (padding) is zero
+    bias: np.ndarray  # (K,) float32
+
+    def predict_proba(self, features) -> np.ndarray:
+        logits = np.asarray(features @ self.coef) + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def lexical_matrix(vocabulary: LexicalVocabulary, texts: list[str]):
+    """The TF-IDF bags as a scipy CSR matrix (n, vocabulary size) for scikit-learn."""
+    import scipy.sparse as sp
+
+    ids, weights = vocabulary.transform(texts)
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+    keep = weights.ravel() != 0
+    return sp.csr_matrix(
+        (weights.ravel()[keep], (rows[keep], ids.ravel()[keep])),
+        shape=(len(ids), vocabulary.size),
+    )
+
+
+def fit_linear(features, y: np.ndarray, num_classes: int, c: float, estimator=None):
+    """Balanced multinomial logistic regression, as the baseline (C, class weights).
+
+    Pass the ``estimator`` of an earlier call to start from its solution (a refit on
+    more rows then converges in a fraction of the iterations). Returns the arrays and
+    the estimator.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if estimator is None:
+        estimator = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+    else:
+        estimator.set_params(warm_start=True)
+    estimator.fit(features, y)
+    classes = estimator.classes_
+    if len(classes) < 2:
+        raise ValueError("the linear model needs at least two classes in training")
+    coef, bias = estimator.coef_, estimator.intercept_
+    if len(classes) == 2:
+        # Binary: scikit-learn keeps one logit z; softmax([-z/2, z/2]) == sigmoid(z).
+        coef, bias = np.vstack([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
+    full_coef = np.zeros((features.shape[1], num_classes), dtype=np.float32)
+    # A class absent from these rows gets a logit far below the others: never predicted.
+    full_bias = np.full(num_classes, float(bias.min()) - 30.0, dtype=np.float32)
+    full_coef[:, classes] = coef.T
+    full_bias[classes] = bias
+    return LinearModel(coef=full_coef, bias=full_bias), estimator
+
+
+def choose_linear_weight(
+    y_val: np.ndarray, linear_probs: np.ndarray, mlp_probs: np.ndarray, weights
+) -> float:
+    """The share of the linear model with the best validation macro-F1; ties go to the
+    larger share (the convex model varies less from run to run than the network)."""
+    from sklearn.metrics import f1_score
+
+    def macro_f1(w: float) -> float:
+        pred = (w * linear_probs + (1 - w) * mlp_probs).argmax(axis=1)
+        return round(float(f1_score(y_val, pred, average="macro")), 6)
+
+    return max(weights, key=lambda w: (macro_f1(w), w))
 
 
 def class_weights(y: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -124,10 +216,15 @@ def _seed_everything(seed: int) -> None:
 
 
 def fit_model(data: TrainingData, split: Split, params: TrainParams) -> FittedModel:
-    """Fit on ``split.train``, early-stop and schedule the LR on ``split.val``."""
+    """Fit on ``split.train``, early-stop and schedule the LR on ``split.val``.
+
+    With ``params.linear_c``, also fit the logistic regression on ``split.train``, pick
+    its share of the mix on ``split.val``, refit it on train + validation (like the
+    baseline, which has no early stopping either) and return the mix as one model.
+    """
     import keras
 
-    from training.model import ModelShape, build_model
+    from training.model import ModelShape, build_ensemble, build_model
 
     started = time.perf_counter()
     _seed_everything(params.seed)
@@ -136,12 +233,16 @@ def fit_model(data: TrainingData, split: Split, params: TrainParams) -> FittedMo
     y = np.array([index[label] for label in data.labels], dtype=np.int64)
     train, val = data.subset(split.train), data.subset(split.val)
 
-    vocabulary = fit_vocabulary(train.texts, params.lexical) if params.lexical else None
+    # The vocabulary is fitted on train + validation texts (no labels), like the
+    # baseline's TF-IDF, so the refitted linear model knows validation-only terms.
+    rest = data.subset(np.concatenate([split.train, split.val]))
+    vocabulary = fit_vocabulary(rest.texts, params.lexical) if params.lexical else None
+    neural_lexical = vocabulary is not None and (params.lexical_units > 0 or params.lexical_wide)
     shape = ModelShape(
         num_classes=len(labels),
         image_dim=data.image_emb.shape[1],
         text_dim=data.text_emb.shape[1],
-        lexical_vocab_size=vocabulary.size if vocabulary else 0,
+        lexical_vocab_size=vocabulary.size if neural_lexical else 0,
         lexical_units=params.lexical_units,
         lexical_wide=params.lexical_wide,
         dropout=params.dropout,
@@ -155,16 +256,22 @@ def fit_model(data: TrainingData, split: Split, params: TrainParams) -> FittedMo
 
     def feeds(part: TrainingData):
         return fusion_inputs(
-            vocabulary, part.texts, part.text_emb, part.image_emb, part.image_present
+            vocabulary if neural_lexical else None,
+            part.texts,
+            part.text_emb,
+            part.image_emb,
+            part.image_present,
         )
 
     one_hot = np.eye(len(labels), dtype=np.float32)
+    large = len(split.train) > params.large_rows
+    val_feeds = feeds(val)
     history = model.fit(
         feeds(train),
         one_hot[y[split.train]],
-        validation_data=(feeds(val), one_hot[y[split.val]]),
+        validation_data=(val_feeds, one_hot[y[split.val]]),
         epochs=params.epochs,
-        batch_size=params.batch_size,
+        batch_size=params.large_batch_size if large else params.batch_size,
         class_weight=class_weights(y[split.train], len(labels), params.class_weight),
         callbacks=[
             keras.callbacks.EarlyStopping(
@@ -177,15 +284,37 @@ def fit_model(data: TrainingData, split: Split, params: TrainParams) -> FittedMo
         shuffle=True,
         verbose=0,
     )
-    seconds = time.perf_counter() - started
     hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     log.info(
         "fusion model: %d epochs, best val_loss %.4f, %.1fs",
         len(hist["loss"]),
         min(hist["val_loss"]),
-        seconds,
+        time.perf_counter() - started,
     )
-    return FittedModel(model, labels, vocabulary, hist, seconds)
+    val_probs = np.asarray(model.predict(val_feeds, batch_size=1024, verbose=0))
+    weight = 0.0
+    if params.linear_c is not None and vocabulary is not None:
+        x_train, x_val = (
+            lexical_matrix(vocabulary, train.texts),
+            lexical_matrix(vocabulary, val.texts),
+        )
+        linear, estimator = fit_linear(x_train, y[split.train], len(labels), params.linear_c)
+        linear_val = linear.predict_proba(x_val)
+        weight = choose_linear_weight(y[split.val], linear_val, val_probs, params.linear_weights)
+        val_probs = weight * linear_val + (1 - weight) * val_probs
+        linear, _ = fit_linear(
+            lexical_matrix(vocabulary, rest.texts),
+            np.concatenate([y[split.train], y[split.val]]),
+            len(labels),
+            params.linear_c,
+            estimator,
+        )
+        model = build_ensemble(model, linear.coef, linear.bias, weight)
+        log.info("linear model share %.2f (validation macro-F1)", weight)
+    seconds = time.perf_counter() - started
+    if not neural_lexical and params.linear_c is None:
+        vocabulary = None  # nothing in the graph reads the bag
+    return FittedModel(model, labels, vocabulary, hist, seconds, val_probs, weight)
 
 
 def predict_keras(fitted: FittedModel, data: TrainingData, batch_size: int = 1024) -> np.ndarray:
@@ -249,7 +378,7 @@ def train(
     )
     fitted = fit_model(data, split, params)
     val, test = data.subset(split.val), data.subset(split.test)
-    val_probs = predict_keras(fitted, val)
+    val_probs = fitted.val_probs
     threshold = choose_threshold(val.labels, val_probs, fitted.labels, params.target_precision)
 
     test_feeds = fusion_inputs(
@@ -281,6 +410,7 @@ def train(
         "beats_baseline": test_metrics["macro_f1"] > baseline_metrics["macro_f1"],
         "onnx_parity_max_abs_diff": exported.max_abs_diff,
         "train_seconds": fitted.seconds,
+        "linear_weight": fitted.linear_weight,
         "epochs": len(fitted.history["loss"]),
         "split": {
             "train": len(split.train),

@@ -100,15 +100,16 @@ def build_model(shape: ModelShape, seed: int = 0) -> keras.Model:
         ids_in = keras.Input((None,), dtype="int64", name="lex_ids")
         weights_in = keras.Input((None,), name="lex_weights")
         inputs += [ids_in, weights_in]
-        table = layers.Embedding(
-            shape.lexical_vocab_size, shape.lexical_units, name="lex_embedding"
-        )(ids_in)
-        # Weighted sum over the bag == Dense over the sparse TF-IDF vector (no bias);
-        # padding has weight 0 and so drops out.
-        bag = ops.sum(table * ops.expand_dims(weights_in, -1), axis=1)
-        lex = layers.BatchNormalization(name="lex_bn")(bag)
-        lex = layers.Activation("relu", name="lex_relu")(lex)
-        parts.append(layers.Dropout(shape.dropout, name="lex_dropout")(lex))
+        if shape.lexical_units > 0:
+            table = layers.Embedding(
+                shape.lexical_vocab_size, shape.lexical_units, name="lex_embedding"
+            )(ids_in)
+            # Weighted sum over the bag == Dense over the sparse TF-IDF vector (no
+            # bias); padding has weight 0 and so drops out.
+            bag = ops.sum(table * ops.expand_dims(weights_in, -1), axis=1)
+            lex = layers.BatchNormalization(name="lex_bn")(bag)
+            lex = layers.Activation("relu", name="lex_relu")(lex)
+            parts.append(layers.Dropout(shape.dropout, name="lex_dropout")(lex))
         if shape.lexical_wide:
             wide_table = layers.Embedding(
                 shape.lexical_vocab_size, shape.num_classes, name="lex_wide_embedding"
@@ -123,3 +124,67 @@ def build_model(shape: ModelShape, seed: int = 0) -> keras.Model:
         logits = layers.Add(name="wide_and_deep")([logits, wide])
     probs = layers.Activation("softmax", name="probs")(logits)
     return keras.Model(inputs=inputs, outputs=probs, name="shelver_fusion")
+
+
+class LinearBag(layers.Layer):
+    """Softmax regression over the TF-IDF bag: softmax(sum_j w_j * table[id_j] + bias).
+
+    Holds a logistic regression fitted outside Keras (``training.fit.fit_linear``); its
+    weights are fixed, so in the graph it is a Gather, a weighted sum and a softmax.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.vocab_size = vocab_size
+        self.num_classes = num_classes
+
+    def build(self, input_shape):
+        self.table = self.add_weight(
+            shape=(self.vocab_size, self.num_classes), initializer="zeros", trainable=False,
+            name="table",
+        )  # fmt: skip
+        self.bias = self.add_weight(
+            shape=(self.num_classes,), initializer="zeros", trainable=False, name="bias"
+        )
+
+    def call(self, inputs):
+        ids, weights = inputs
+        rows = ops.take(self.table, ids, axis=0)
+        return ops.softmax(ops.sum(rows * ops.expand_dims(weights, -1), axis=1) + self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], self.num_classes)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "num_classes": self.num_classes,
+        }
+
+
+def build_ensemble(mlp: keras.Model, coef, bias, linear_weight: float) -> keras.Model:
+    """``linear_weight`` x the linear model's probabilities + the rest x ``mlp``'s.
+
+    ``coef`` (vocab size, K) and ``bias`` (K,) are the logistic regression over the
+    lexical bag. The result has the fusion graph's named inputs (``lex_ids`` and
+    ``lex_weights`` always) and one output, so it is served and exported like ``mlp``.
+    """
+    named = {t.name: t for t in mlp.inputs}
+    inputs = {
+        name: keras.Input(tuple(named[name].shape[1:]), dtype=named[name].dtype, name=name)
+        for name in named
+    }
+    for name, dtype in (("lex_ids", "int64"), ("lex_weights", "float32")):
+        inputs.setdefault(name, keras.Input((None,), dtype=dtype, name=name))
+    mlp_probs = mlp([inputs[t.name] for t in mlp.inputs])
+    linear = LinearBag(coef.shape[0], coef.shape[1], name="linear")
+    linear_probs = linear([inputs["lex_ids"], inputs["lex_weights"]])
+    linear.set_weights([coef, bias])
+    probs = layers.Add(name="probs")(
+        [
+            layers.Rescaling(float(linear_weight), name="linear_share")(linear_probs),
+            layers.Rescaling(1.0 - float(linear_weight), name="mlp_share")(mlp_probs),
+        ]
+    )
+    return keras.Model(inputs=list(inputs.values()), outputs=probs, name="shelver_ensemble")
