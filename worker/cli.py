@@ -46,10 +46,23 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from sqlalchemy.exc import OperationalError
+
+    from catalog.db import DatabaseNotAvailableError
+    from worker.encoders import EncoderUnavailable
+
     try:
         app()
-    except (UserError, SettingsError) as exc:
+    except (UserError, SettingsError, DatabaseNotAvailableError, EncoderUnavailable) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except OperationalError as exc:
+        # Connection refused, wrong database name, bad password: a setting to fix,
+        # not a bug to report, so no traceback.
+        err_console.print(
+            f"[red]error:[/red] cannot reach PostgreSQL: {str(exc.orig).strip()}. "
+            "Is it running, and is SHELVER_DATABASE_URL right?"
+        )
         sys.exit(2)
 
 
