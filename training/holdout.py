@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import precision_recall_fscore_support
 from sqlalchemy import Engine
 
 from catalog.importer import ImportReport, ProductRow, read_products, valid_rows
 from catalog.settings import Settings
+from training.evaluate import evaluate
 from worker.encoders import load_encoders
 from worker.featurize import ProductInput, embed_products
 from worker.fusion import FusionModel
@@ -27,36 +27,18 @@ from worker.fusion import FusionModel
 def score_predictions(
     y_true: Sequence[str], probs: np.ndarray, model_labels: Sequence[str], threshold: float
 ) -> dict[str, Any]:
-    model_labels = list(model_labels)
-    y_pred = [model_labels[k] for k in np.asarray(probs).argmax(axis=1)]
-    confidence = np.asarray(probs).max(axis=1)
+    """``training.evaluate.evaluate``, with categories the model lacks scored as misses.
+
+    Unknown categories become extra columns of probability zero: never
+    predicted, so their rows count as errors and their recall and F1 are 0.
+    """
     unknown = Counter(y for y in y_true if y not in set(model_labels))
-    all_labels = model_labels + sorted(unknown)
-    p, r, f, support = precision_recall_fscore_support(
-        list(y_true), y_pred, labels=all_labels, zero_division=0
-    )
-    correct = np.array([t == q for t, q in zip(y_true, y_pred, strict=True)])
-    present = support > 0
-    accepted = confidence >= threshold
-    return {
-        "n": len(y_pred),
-        "accuracy": float(correct.mean()) if len(correct) else 0.0,
-        "macro_f1": float(f[present].mean()) if present.any() else 0.0,
-        "per_class": {
-            label: {
-                "precision": float(p[k]),
-                "recall": float(r[k]),
-                "f1": float(f[k]),
-                "support": int(support[k]),
-            }
-            for k, label in enumerate(all_labels)
-            if support[k] or label in model_labels
-        },
-        "unknown_categories": dict(unknown),
-        "threshold": float(threshold),
-        "coverage": float(accepted.mean()) if len(correct) else 0.0,
-        "precision_at_threshold": float(correct[accepted].mean()) if accepted.any() else None,
-    }
+    labels = list(model_labels) + sorted(unknown)
+    probs = np.asarray(probs, dtype=np.float64)
+    padded = np.hstack([probs, np.zeros((len(probs), len(unknown)))])
+    metrics = evaluate(list(y_true), padded, labels, threshold=threshold)
+    metrics["unknown_categories"] = dict(unknown)
+    return metrics
 
 
 def score_model(model: FusionModel, data: Any, rows: Sequence[int] | None = None) -> dict:
