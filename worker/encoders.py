@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,20 +184,21 @@ def verify_file(model_dir: Path, file: str, expected_sha256: str) -> Path:
     return path
 
 
-def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+def session_options(
+    intra_op_threads: int | None = None, spinning: bool = False
+) -> ort.SessionOptions:
     """Session options chosen by benchmarks/encoders.py on a 2-core machine (docs/encoders.md).
 
-    One inference at a time per worker process, so parallelism goes inside the operators
-    (intra-op) and the graph runs sequentially; a spinning thread pool only burns the core
-    the image decoding needs, so spinning is off.
+    A worker process runs one inference at a time, so parallelism goes inside the operators
+    (intra-op, one thread per core) and the graph runs sequentially. Spinning pool threads
+    only burn the core that image decoding and tokenizing need between runs, so it is off.
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    threads = intra_op_threads or int(os.environ.get("SHELVER_ORT_THREADS", 0)) or os.cpu_count()
-    opts.intra_op_num_threads = max(1, threads or 1)
+    opts.intra_op_num_threads = max(1, intra_op_threads or os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
 
 
@@ -212,6 +213,21 @@ def _session(path: Path, intra_op_threads: int | None) -> ort.InferenceSession:
         raise EncoderUnavailable(
             f"onnxruntime cannot load {path} ({exc}). Run `{EXPORT_COMMAND}` again."
         ) from exc
+
+
+def _length_buckets(
+    order: list[int], lengths: list[int], batch_size: int, max_tokens: int
+) -> Iterator[list[int]]:
+    """Consecutive runs of ``order`` (sorted by length) within both the row and token budgets."""
+    batch: list[int] = []
+    for index in order:
+        # Sorted ascending, so the newest row is the longest: it sets the padded width.
+        if batch and (len(batch) >= batch_size or (len(batch) + 1) * lengths[index] > max_tokens):
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
 
 
 def product_text(name: str, description: str | None) -> str:
@@ -232,6 +248,8 @@ def product_text(name: str, description: str | None) -> str:
 
 class TextEncoder:
     """all-MiniLM-L6-v2 on onnxruntime: mean pooling and L2 normalization are inside the graph."""
+
+    max_batch_tokens = 2048
 
     def __init__(
         self,
@@ -259,12 +277,16 @@ class TextEncoder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tokenizer.encode_batch(list(texts))]
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def encode(
+        self, texts: list[str], batch_size: int = 64, max_batch_tokens: int | None = None
+    ) -> np.ndarray:
         """Embed ``texts`` as L2-normalized float32 rows, in input order.
 
         Identical texts are encoded once, and texts are sorted by token count before batching so
         a batch pads to the length of similar texts rather than of the longest one overall;
-        padding is masked out, so neither changes any output.
+        padding is masked out, so neither changes any output. A batch also stops growing at
+        ``max_batch_tokens`` padded tokens: attention over many long rows falls out of cache,
+        and on two cores eight 256-token rows per run beat sixty-four (docs/encoders.md).
         """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -274,13 +296,13 @@ class TextEncoder:
         ids = self.tokenize(list(unique))
         vectors = np.zeros((len(ids), self.dim), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            vectors[chunk] = self._run([ids[i] for i in chunk])
+        budget = max_batch_tokens or self.max_batch_tokens
+        for chunk in _length_buckets(order, [len(row) for row in ids], batch_size, budget):
+            vectors[chunk] = self.run_ids([ids[i] for i in chunk])
         out[:] = vectors[positions]
         return out
 
-    def _run(self, batch: list[list[int]]) -> np.ndarray:
+    def run_ids(self, batch: list[list[int]]) -> np.ndarray:
         width = max(len(row) for row in batch)
         input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)
