@@ -25,7 +25,7 @@ from training.fit import (
 )
 from training.model import ModelShape, build_ensemble, build_model
 from worker.fusion import ArtifactRejected, FusionModel, build_artifact, fusion_inputs, sha256_hex
-from worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
+from worker.lexical import LexicalParams, LexicalVocabulary, analyze, fit_vocabulary
 
 LABELS = ["Cameras", "Phones", "Washers"]
 WORDS = {
@@ -215,6 +215,24 @@ def test_lexical_features_round_trip_through_json():
     # an empty text is pure padding.
     empty_ids, empty_w = vocab.transform([""])
     assert empty_ids.tolist() == [[0]] and empty_w.tolist() == [[0.0]]
+
+
+def test_tfidf_union_analyzer_sees_what_the_baseline_sees():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    text = "Apple iPhone-7, 32GB Space  Grey (Unlocked) a"
+    params = LexicalParams(analyzer="tfidf_union")
+    terms = analyze(text, params)
+    word = TfidfVectorizer(ngram_range=(1, 2)).build_analyzer()
+    char = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5)).build_analyzer()
+    assert sorted(t[2:] for t in terms if t.startswith("w:")) == sorted(word(text))
+    assert sorted(t[2:] for t in terms if t.startswith("c:")) == sorted(char(text))
+    vocab = fit_vocabulary([text, "samsung grey phone"], params)
+    ids, weights = vocab.transform([text])
+    is_word = np.array([vocab.terms[i - 1].startswith("w:") for i in ids[0]])
+    # Each block has unit length on its own, as in a FeatureUnion of two vectorizers.
+    assert np.linalg.norm(weights[0][is_word]) == pytest.approx(1.0, abs=1e-6)
+    assert np.linalg.norm(weights[0][~is_word]) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_evaluation_figures_on_a_hand_made_example(tmp_path):

@@ -98,10 +98,18 @@ class TrainParams:
     # "balanced" (n / (K * count)), "sqrt" (its square root: softer on 300:1 imbalance)
     # or "none".
     class_weight: str = "balanced"
-    # Close to the baseline's TF-IDF, which the linear model needs to match it: terms
-    # seen once are kept (rare model numbers are telling) and rows are barely cut.
+    # The baseline's TF-IDF (training/baseline.py) in the artifact's own format, so
+    # that the linear model alone is the baseline: same analyzers, per-block norms,
+    # word terms seen once kept (rare model numbers are telling), rows barely cut.
     lexical: LexicalParams | None = field(
-        default_factory=lambda: LexicalParams(min_df=1, max_terms=200000, max_row_terms=1024)
+        default_factory=lambda: LexicalParams(
+            analyzer="tfidf_union",
+            min_df=2,
+            word_min_df=1,
+            max_chars=5000,
+            max_terms=300000,
+            max_row_terms=4096,
+        )
     )
     target_precision: float = 0.97
     # Recorded in the artifact so the worker packs text and picks encoders as trained.

@@ -29,6 +29,8 @@ import numpy as np
 # Unicode word characters; product titles mix digits and letters ("32gb", "mn8x2b")
 # and those tokens are among the most telling, so they are kept whole.
 _WORD = re.compile(r"\w+", re.UNICODE)
+# scikit-learn's default token pattern (words of two or more word characters).
+_SKLEARN_WORD = re.compile(r"(?u)\b\w\w+\b")
 
 # Id 0 is reserved for padding, so a padded slot (id 0, weight 0) adds nothing.
 PAD_ID = 0
@@ -48,6 +50,14 @@ class LexicalParams:
     # Only a row's highest-weighted terms are kept: the model's cost grows with terms
     # per row, and past a few hundred the tail adds little beyond what is kept.
     max_row_terms: int = 256
+    # "words": word and char n-grams from runs of word characters, one L2 norm per row
+    # (artifacts written before the option existed). "tfidf_union": what
+    # training/baseline.py's two scikit-learn vectorizers see: word n-grams of tokens
+    # of 2+ word characters, char n-grams of whitespace-separated words (punctuation
+    # kept), and each of the two blocks L2-normalized on its own.
+    analyzer: str = "words"
+    # Document frequency a word term needs, when it differs from ``min_df``.
+    word_min_df: int | None = None
 
 
 def _char_ngrams(word: str, lo: int, hi: int) -> Iterable[str]:
@@ -63,14 +73,20 @@ def _char_ngrams(word: str, lo: int, hi: int) -> Iterable[str]:
 
 def analyze(text: str, params: LexicalParams) -> list[str]:
     """The terms of one text, with repeats; word terms start "w:", char terms "c:"."""
-    words = _WORD.findall(text[: params.max_chars].lower())
+    text = text[: params.max_chars].lower()
+    if params.analyzer == "tfidf_union":
+        words, char_words = _SKLEARN_WORD.findall(text), text.split()
+    elif params.analyzer == "words":
+        words = char_words = _WORD.findall(text)
+    else:
+        raise ValueError(f"lexical analyzer must be words or tfidf_union, not {params.analyzer!r}")
     terms: list[str] = []
     wlo, whi = params.word_ngrams
     for n in range(wlo, whi + 1):
         for i in range(len(words) - n + 1):
             terms.append("w:" + " ".join(words[i : i + n]))
     clo, chi = params.char_ngrams
-    for word in words:
+    for word in char_words:
         terms.extend("c:" + g for g in _char_ngrams(word, clo, chi))
     return terms
 
@@ -89,6 +105,8 @@ class LexicalVocabulary:
         # A lookup table, derived, not part of the identity of the vocabulary.
         object.__setattr__(self, "_index", {t: i + 1 for i, t in enumerate(self.terms)})
         object.__setattr__(self, "_idf", np.asarray((0.0, *self.idf), dtype=np.float32))
+        is_word = np.asarray((False, *(t.startswith("w:") for t in self.terms)), dtype=bool)
+        object.__setattr__(self, "_is_word", is_word)
 
     @property
     def size(self) -> int:
@@ -113,8 +131,7 @@ class LexicalVocabulary:
                 # Stable sort on -w: equal weights keep first-seen order, deterministic.
                 top = np.argsort(-w, kind="stable")[: self.params.max_row_terms]
                 ids, w = ids[top], w[top]
-            norm = float(np.sqrt(np.dot(w, w)))
-            rows.append((ids, w / norm if norm > 0 else w))
+            rows.append((ids, self._normalized(ids, w)))
         width = max([1, *(len(ids) for ids, _ in rows)])
         out_ids = np.full((len(rows), width), PAD_ID, dtype=np.int64)
         out_w = np.zeros((len(rows), width), dtype=np.float32)
@@ -122,6 +139,19 @@ class LexicalVocabulary:
             out_ids[r, : len(ids)] = ids
             out_w[r, : len(w)] = w
         return out_ids, out_w
+
+    def _normalized(self, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
+        if self.params.analyzer == "words":
+            blocks = [np.ones(len(ids), dtype=bool)]
+        else:
+            is_word = self._is_word[ids]  # type: ignore[attr-defined]
+            blocks = [is_word, ~is_word]
+        out = w.copy()
+        for block in blocks:
+            norm = float(np.sqrt(np.dot(w[block], w[block])))
+            if norm > 0:
+                out[block] = w[block] / norm
+        return out
 
     def to_json(self) -> dict:
         return {
@@ -150,7 +180,10 @@ def fit_vocabulary(texts: Sequence[str], params: LexicalParams) -> LexicalVocabu
     df: Counter[str] = Counter()
     for text in texts:
         df.update(set(analyze(text, params)))
-    kept = [(t, c) for t, c in df.items() if c >= params.min_df]
+    word_min_df = params.min_df if params.word_min_df is None else params.word_min_df
+    kept = [
+        (t, c) for t, c in df.items() if c >= (word_min_df if t.startswith("w:") else params.min_df)
+    ]
     kept.sort(key=lambda tc: (-tc[1], tc[0]))
     kept = kept[: params.max_terms]
     n = len(texts)
