@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,12 +224,18 @@ def _seed_everything(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def fit_model(data: TrainingData, split: Split, params: TrainParams) -> FittedModel:
+def fit_model(
+    data: TrainingData,
+    split: Split,
+    params: TrainParams,
+    on_epoch: Callable[[int, int], None] | None = None,
+) -> FittedModel:
     """Fit on ``split.train``, early-stop and schedule the LR on ``split.val``.
 
     With ``params.linear_c``, also fit the logistic regression on ``split.train``, pick
     its share of the mix on ``split.val``, refit it on train + validation (like the
     baseline, which has no early stopping either) and return the mix as one model.
+    ``on_epoch(done, most)`` is called after each epoch (for progress bars).
     """
     import keras
 
@@ -287,6 +294,15 @@ def fit_model(data: TrainingData, split: Split, params: TrainParams) -> FittedMo
             ),
             keras.callbacks.ReduceLROnPlateau(
                 monitor="val_loss", factor=0.5, patience=max(1, params.patience // 3), min_lr=1e-5
+            ),
+            *(
+                [
+                    keras.callbacks.LambdaCallback(
+                        on_epoch_end=lambda epoch, _logs: on_epoch(epoch + 1, params.epochs)
+                    )
+                ]
+                if on_epoch
+                else []
             ),
         ],
         shuffle=True,
@@ -361,7 +377,10 @@ def _aligned(probs: np.ndarray, have: list[str], want: list[str]) -> np.ndarray:
 
 
 def train(
-    data: TrainingData, params: TrainParams | None = None, report_dir: Path | None = None
+    data: TrainingData,
+    params: TrainParams | None = None,
+    report_dir: Path | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Split, fit, pick the threshold on validation, export with parity check, and score
     the exported artifact and the TF-IDF baseline on the same test rows.
@@ -384,7 +403,7 @@ def train(
         len(split.val),
         len(split.test),
     )
-    fitted = fit_model(data, split, params)
+    fitted = fit_model(data, split, params, on_epoch=on_epoch)
     val, test = data.subset(split.val), data.subset(split.test)
     val_probs = fitted.val_probs
     threshold = choose_threshold(val.labels, val_probs, fitted.labels, params.target_precision)

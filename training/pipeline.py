@@ -88,7 +88,12 @@ def train_and_register(
             progress=(lambda done, total: progress("embedding", done, total)) if progress else None,
         )
         params.encoders = {"text": text_encoder.identity, "image": image_encoder.identity}
-        result = train(labeled.data, params, report_dir=report_dir)
+        result = train(
+            labeled.data,
+            params,
+            report_dir=report_dir,
+            on_epoch=(lambda done, most: progress("training", done, most)) if progress else None,
+        )
         candidate_model = FusionModel.from_artifact(result.artifact, result.sha256)
         test_rows = list(result.split.test)
         candidate_scores = score_model(candidate_model, labeled.data, rows=test_rows)
