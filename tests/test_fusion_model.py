@@ -266,3 +266,15 @@ def test_threshold_is_the_loosest_that_meets_the_target_precision():
     wrong = np.array([[0.2, 0.8], [0.3, 0.7]])
     t = choose_threshold(["a", "a"], wrong, labels, target_precision=0.9)
     assert t > 0.8
+
+
+def test_class_balanced_threshold_does_not_let_a_big_easy_class_hide_rare_mistakes():
+    labels = ["a", "b"]
+    y = ["a"] * 8 + ["b", "b"]
+    # Eight easy "a" rows at 0.9; a wrong "b" (called "a") at 0.6, a right "b" at 0.51.
+    probs = np.array([[0.9, 0.1]] * 8 + [[0.49, 0.51], [0.6, 0.4]])
+    # Plain precision over all ten rows is 9/10 and meets 0.9: everything is accepted.
+    assert choose_threshold(y, probs, labels, target_precision=0.9) == pytest.approx(0.51)
+    # Weighted by class, the wrong "b" costs half of all "b" weight: stop above it.
+    balanced = choose_threshold(y, probs, labels, target_precision=0.9, class_balanced=True)
+    assert balanced == pytest.approx(0.9)

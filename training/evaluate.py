@@ -62,6 +62,7 @@ def choose_threshold(
     probs: np.ndarray,
     labels: Sequence[str],
     target_precision: float = 0.97,
+    class_balanced: bool = False,
 ) -> float:
     """Lowest confidence t such that rows with confidence >= t are right often enough.
 
@@ -69,12 +70,20 @@ def choose_threshold(
     one whose accepted set still meets ``target_precision``. If none does, returns a
     threshold above every seen confidence (accept nothing automatically) rather than
     silently accepting at a lower precision.
+
+    ``class_balanced`` weighs each row by 1 / (rows of its true class), i.e. precision
+    as if every category were equally common. Without it, a catalog that is mostly one
+    easy category reaches any target at any threshold, and the rare categories, where
+    the mistakes are, are never sent to review.
     """
     y = _indices(y_true, labels)
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y
+    weight = np.ones(len(y))
+    if class_balanced:
+        weight = 1.0 / np.bincount(y, minlength=len(labels))[y]
     order = np.argsort(-confidence, kind="stable")
-    precision = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    precision = np.cumsum((weight * correct)[order]) / np.cumsum(weight[order])
     ok = np.nonzero(precision >= target_precision)[0]
     if len(ok) == 0:
         return float(min(1.0, confidence.max() + 1e-6)) if len(confidence) else 1.0

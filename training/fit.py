@@ -113,6 +113,8 @@ class TrainParams:
         )
     )
     target_precision: float = 0.97
+    # Precision counted as if categories were equally common (training/evaluate.py).
+    threshold_class_balanced: bool = True
     # Recorded in the artifact so the worker packs text and picks encoders as trained.
     text_packing: dict = field(
         default_factory=lambda: {"template": "{name}. {description}", "max_tokens": 256}
@@ -406,7 +408,13 @@ def train(
     fitted = fit_model(data, split, params, on_epoch=on_epoch)
     val, test = data.subset(split.val), data.subset(split.test)
     val_probs = fitted.val_probs
-    threshold = choose_threshold(val.labels, val_probs, fitted.labels, params.target_precision)
+    threshold = choose_threshold(
+        val.labels,
+        val_probs,
+        fitted.labels,
+        params.target_precision,
+        class_balanced=params.threshold_class_balanced,
+    )
 
     test_feeds = fusion_inputs(
         fitted.vocabulary, test.texts, test.text_emb, test.image_emb, test.image_present
