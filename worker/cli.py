@@ -38,13 +38,20 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+def _log_progress() -> None:
+    logging.getLogger().setLevel(logging.INFO)
+
+
 class UserError(Exception):
     """A mistake the user can fix; shown as one line, without a traceback."""
 
 
 def main() -> None:
+    # Commands that run for a long time (dispatch, beat; Celery configures the worker's
+    # own) log at INFO through _log_progress(); one-shot commands show only warnings,
+    # so their own output stays readable.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from sqlalchemy.exc import OperationalError
 
@@ -173,6 +180,7 @@ def dispatch(
 
     Run as many as you like; they never hand out the same product twice under a live lease.
     """
+    _log_progress()
     from catalog.db import check_connection, get_engine
     from worker.dispatcher import DispatchConfig, Dispatcher, celery_sender
 
@@ -551,6 +559,7 @@ def beat(
     ] = False,
 ) -> None:
     """At SHELVER_RETRAIN_CRON times, queue retraining when enough new labels arrived."""
+    _log_progress()
     from croniter import croniter
 
     from catalog.db import get_engine
