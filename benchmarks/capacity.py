@@ -41,7 +41,7 @@ from pipeline import (  # noqa: E402
     register_champion,
     wait_terminal,
 )
-from test_classify import centroid_artifact, training_titles  # noqa: E402
+from support import centroid_artifact, training_titles  # noqa: E402
 
 from catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database  # noqa: E402
 from catalog.migrate import upgrade  # noqa: E402

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tests"))  # the small real champion the tests register
 
-from test_classify import centroid_artifact, register_champion, training_titles  # noqa: E402
+from support import centroid_artifact, register_champion, training_titles  # noqa: E402
 
 from catalog.embedded import create_database  # noqa: E402
 from catalog.migrate import upgrade  # noqa: E402

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capacity import bench_database, db_counters, reset_statements, start_servers  # noqa: E402
 from capacity import statements as statement_stats  # noqa: E402
 from pipeline import DATA, pipeline, register_champion  # noqa: E402
-from test_classify import centroid_artifact, training_titles  # noqa: E402
+from support import centroid_artifact, training_titles  # noqa: E402
 
 from catalog.embeddings import CachedEmbedding, put  # noqa: E402
 from worker.encoders import load_encoders, product_text  # noqa: E402

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline import DATA, bare, products  # noqa: E402
-from test_classify import centroid_artifact, training_titles  # noqa: E402
+from support import centroid_artifact, training_titles  # noqa: E402
 
 from catalog.settings import Settings  # noqa: E402
 from worker.encoders import load_encoders, product_text  # noqa: E402

@@ -30,6 +30,14 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """Exported encoders, once per test session (or $SHELVER_TEST_MODEL_DIR's)."""
+    from support import export_or_reuse_encoders
+
+    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
+
+
+@pytest.fixture(scope="session")
 def services() -> Iterator[tuple[str, str]]:
     """(database URL, broker URL) of real servers, exported to the environment for subprocesses."""
     from catalog.embedded import create_database, embedded_services

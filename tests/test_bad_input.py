@@ -21,13 +21,12 @@ import pytest
 from PIL import Image
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
-from test_chaos import SHELVER, Procs, drained, insert, scalar, wait_until
-from test_classify import (
+from support import (
     centroid_artifact,
-    export_or_reuse_encoders,
     register_champion,
     training_titles,
 )
+from test_chaos import SHELVER, Procs, drained, insert, scalar, wait_until
 
 from worker.encoders import load_encoders
 
@@ -174,11 +173,6 @@ TEXT_CASES: dict[str, tuple[str, str, str | None, set[str], str | None]] = {
     "one_long_word": ("x" * 20_000, "", None, set(USED), None),
     "combining": ("Z\u0336\u0335a\u0337\u0334l\u0338go phone" * 50, "", None, set(USED), None),
 }
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
 
 
 @pytest.fixture(scope="module")

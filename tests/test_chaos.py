@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 from sqlalchemy import Engine, create_engine, text
-from test_classify import centroid_artifact, export_or_reuse_encoders, training_titles
+from support import centroid_artifact, insert, scalar, training_titles
 
 from catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
 from catalog.migrate import upgrade
@@ -222,22 +222,6 @@ def sample_products(shared_data: Path, n: int, prefix: str) -> list[dict]:
     return rows
 
 
-def insert(engine: Engine, rows: list[dict]) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO products (sku, name, description, image_uri) "
-                "VALUES (:sku, :name, :description, :image_uri)"
-            ),
-            rows,
-        )
-
-
-def scalar(engine: Engine, sql: str, **params: object) -> int:
-    with engine.connect() as conn:
-        return conn.execute(text(sql), params).scalar_one()
-
-
 def terminal_count(engine: Engine) -> int:
     return scalar(engine, "SELECT count(*) FROM products WHERE status = ANY(:s)", s=list(TERMINAL))
 
@@ -287,11 +271,6 @@ def assert_all_done(engine: Engine, expected: int, *, may_fail: int = 0) -> None
 
 
 @pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
-
-
-@pytest.fixture(scope="module")
 def artifact(encoder_dir: Path, shared_data: Path) -> bytes:
     return centroid_artifact(*load_encoders(encoder_dir), training_titles(shared_data))
 
@@ -324,7 +303,7 @@ def stack_env(stack: Stack, encoder_dir: Path, shared_data: Path) -> dict[str, s
 def procs(
     stack: Stack, encoder_dir: Path, shared_data: Path, artifact: bytes, tmp_path: Path
 ) -> Iterator[Procs]:
-    from test_classify import register_champion
+    from support import register_champion
 
     stack.reset()
     register_champion(stack.engine, artifact, "chaos-1")

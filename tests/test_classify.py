@@ -2,167 +2,32 @@
 
 Runs the real encoders (exported once per session) and a small real fusion model:
 a nearest-centroid ONNX graph built here from product titles of the shared data,
-packaged and registered exactly as training would. The helpers at the top are
-reused by the end-to-end tests.
+packaged and registered exactly as training would. The helpers live in
+tests/support.py.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 from sqlalchemy import Engine, text
+from support import (
+    CATEGORIES,
+    centroid_artifact,
+    insert_products,
+    register_champion,
+    training_titles,
+)
 
 from catalog.db import session_scope
 from catalog.queue import claim_batch
 from catalog.settings import Settings
 from worker.classify import FusionClassifier, classify_products, load_rows, write_results
-from worker.encoders import ImageEncoder, TextEncoder, load_encoders, product_text
-from worker.fusion import build_artifact, sha256_hex
+from worker.encoders import ImageEncoder, TextEncoder, load_encoders
 from worker.runtime import Runtime
 
-CATEGORIES = ("Cell Phones", "Appliances", "Video Games", "Musical Instruments")
-
-
-# --- helpers shared with test_e2e_worker.py -------------------------------------------------
-
-
-def export_or_reuse_encoders(base: Path, shared_data: Path) -> Path:
-    """Exported encoders: $SHELVER_TEST_MODEL_DIR if it holds a manifest, else a fresh export."""
-    reuse = os.environ.get("SHELVER_TEST_MODEL_DIR")
-    if reuse and (Path(reuse) / "manifest.json").is_file():
-        return Path(reuse)
-    from training.encoder_export import export_encoders
-
-    path = base / "encoders"
-    if not (path / "manifest.json").is_file():
-        export_encoders(path, sample_dir=shared_data)
-    return path
-
-
-def training_titles(shared_data: Path, per_class: int = 25) -> dict[str, list[str]]:
-    """A few product texts per category, from the far end of the Best Buy file."""
-    with (shared_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    picked: dict[str, list[str]] = defaultdict(list)
-    for row in reversed(rows):
-        if row["category"] in CATEGORIES and len(picked[row["category"]]) < per_class:
-            picked[row["category"]].append(product_text(row["name"], row["description"]))
-    return dict(picked)
-
-
-def centroid_artifact(
-    text_encoder: TextEncoder,
-    image_encoder: ImageEncoder,
-    examples: dict[str, list[str]],
-    *,
-    threshold: float = 0.5,
-    scale: float = 25.0,
-) -> bytes:
-    """A real fusion artifact: softmax(scale * cosine to each class's mean text embedding)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    labels = sorted(examples)
-    centroids = np.stack([text_encoder.encode(examples[label]).mean(axis=0) for label in labels])
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    k, d_img = len(labels), image_encoder.dim
-    weights = {
-        "w_text": (centroids.T * scale).astype(np.float32),
-        # The image branch is present, as in the trained model, but given no say.
-        "w_image": np.zeros((d_img, k), dtype=np.float32),
-        "w_present": np.zeros((1, k), dtype=np.float32),
-    }
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["text_emb", "w_text"], ["t"]),
-            helper.make_node("MatMul", ["image_emb", "w_image"], ["i"]),
-            helper.make_node("MatMul", ["image_present", "w_present"], ["p"]),
-            helper.make_node("Add", ["t", "i"], ["ti"]),
-            helper.make_node("Add", ["ti", "p"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
-        ],
-        "centroid_fusion",
-        [
-            helper.make_tensor_value_info("text_emb", TensorProto.FLOAT, ["n", text_encoder.dim]),
-            helper.make_tensor_value_info("image_emb", TensorProto.FLOAT, ["n", d_img]),
-            helper.make_tensor_value_info("image_present", TensorProto.FLOAT, ["n", 1]),
-        ],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", k])],
-        initializer=[numpy_helper.from_array(v, name) for name, v in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    meta = {
-        "labels": labels,
-        "threshold": threshold,
-        "encoders": {"text": text_encoder.identity, "image": image_encoder.identity},
-        "text_packing": "product_text",
-        "text_dim": text_encoder.dim,
-        "image_dim": d_img,
-        "lexical": None,
-    }
-    return build_artifact(model.SerializeToString(), meta)
-
-
-def register_champion(
-    engine: Engine, artifact: bytes, version: str, *, threshold: float = 0.5
-) -> int:
-    """Insert a model version and make it the champion, retiring the previous one, in one go."""
-    import io
-    import zipfile
-
-    with zipfile.ZipFile(io.BytesIO(artifact)) as archive:
-        meta = json.loads(archive.read("meta.json"))
-    with engine.begin() as conn:
-        conn.execute(text("UPDATE model_versions SET status = 'retired' WHERE status = 'champion'"))
-        return conn.execute(
-            text(
-                """
-                INSERT INTO model_versions
-                    (version, status, artifact, sha256, labels, encoders, threshold, promoted_at)
-                VALUES (:version, 'champion', :artifact, :sha256, CAST(:labels AS jsonb),
-                        CAST(:encoders AS jsonb), :threshold, now())
-                RETURNING id
-                """
-            ),
-            {
-                "version": version,
-                "artifact": artifact,
-                "sha256": sha256_hex(artifact),
-                "labels": json.dumps(meta["labels"]),
-                "encoders": json.dumps(meta["encoders"]),
-                "threshold": threshold,
-            },
-        ).scalar_one()
-
-
-def insert_products(engine: Engine, rows: list[dict]) -> list[int]:
-    with engine.begin() as conn:
-        return [
-            conn.execute(
-                text(
-                    "INSERT INTO products (sku, name, description, image_uri) "
-                    "VALUES (:sku, :name, :description, :image_uri) RETURNING id"
-                ),
-                {"description": "", "image_uri": None, **row},
-            ).scalar_one()
-            for row in rows
-        ]
-
-
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
 
 
 @pytest.fixture(scope="session")

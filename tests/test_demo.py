@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
-from test_classify import export_or_reuse_encoders
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
 
 
 def run_demo(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

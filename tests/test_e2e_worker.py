@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
-from test_classify import (
+from support import (
     CATEGORIES,
     centroid_artifact,
-    export_or_reuse_encoders,
+    insert,
     register_champion,
+    scalar,
     training_titles,
 )
 
@@ -34,11 +35,6 @@ pytestmark = pytest.mark.slow
 
 SHELVER = [sys.executable, "-m", "worker"]
 TERMINAL = ("classified", "needs_review", "failed")
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +119,6 @@ def sample_products(shared_data: Path, n: int) -> list[dict]:
     ]
 
 
-def insert(engine: Engine, rows: list[dict]) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO products (sku, name, description, image_uri) "
-                "VALUES (:sku, :name, :description, :image_uri)"
-            ),
-            rows,
-        )
-
-
-def count(engine: Engine, sql: str, **params: object) -> int:
-    with engine.connect() as conn:
-        return conn.execute(text(sql), params).scalar_one()
-
-
 def test_inserted_products_all_reach_a_terminal_state(
     engine: Engine,
     env: dict[str, str],
@@ -152,22 +132,22 @@ def test_inserted_products_all_reach_a_terminal_state(
         started = time.monotonic()
         insert(engine, rows)
         wait_for(
-            lambda: count(engine, "SELECT count(*) FROM products WHERE status = 'pending'") == 0,
+            lambda: scalar(engine, "SELECT count(*) FROM products WHERE status = 'pending'") == 0,
             180,
             "200 products to leave `pending`",
             tmp_path,
         )
         elapsed = time.monotonic() - started
     assert (
-        count(engine, "SELECT count(*) FROM products WHERE status = ANY(:s)", s=list(TERMINAL))
+        scalar(engine, "SELECT count(*) FROM products WHERE status = ANY(:s)", s=list(TERMINAL))
         == 200
     )
-    assert count(engine, "SELECT count(*) FROM classification_queue") == 0
+    assert scalar(engine, "SELECT count(*) FROM classification_queue") == 0
     assert (
-        count(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=champion)
+        scalar(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=champion)
         == 200
     )
-    assert count(engine, "SELECT count(DISTINCT product_id) FROM predictions") == 200
+    assert scalar(engine, "SELECT count(DISTINCT product_id) FROM predictions") == 200
     print(f"200 products classified end to end in {elapsed:.1f} s")
 
 
@@ -200,7 +180,7 @@ def test_an_update_reclassifies_its_product(
                 text("UPDATE products SET name = 'Whirlpool washing machine' WHERE sku = 'u1'")
             )
         wait_for(lambda: category()[1] == "Appliances", 60, "the update to be classified", tmp_path)
-    assert count(engine, "SELECT count(*) FROM predictions") == 2
+    assert scalar(engine, "SELECT count(*) FROM predictions") == 2
 
 
 def test_a_promotion_switches_running_workers_without_a_restart(
@@ -215,7 +195,7 @@ def test_a_promotion_switches_running_workers_without_a_restart(
         insert(engine, [{**product, "sku": "before", "name": "Casio keyboard 61 keys"}])
         wait_for(
             lambda: (
-                count(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=first)
+                scalar(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=first)
                 == 1
             ),
             60,
@@ -227,7 +207,7 @@ def test_a_promotion_switches_running_workers_without_a_restart(
         insert(engine, [{**product, "sku": "after", "name": "Casio keyboard 76 keys"}])
         wait_for(
             lambda: (
-                count(
+                scalar(
                     engine,
                     "SELECT count(*) FROM products WHERE sku = 'after' AND model_version_id = :m",
                     m=second,
@@ -252,16 +232,16 @@ def test_a_backfill_of_stale_rows_rescores_them_with_the_new_champion(
     insert(engine, sample_products(shared_data, 120))
     with pipeline(env, tmp_path):
         wait_for(
-            lambda: count(engine, "SELECT count(*) FROM classification_queue") == 0,
+            lambda: scalar(engine, "SELECT count(*) FROM classification_queue") == 0,
             120,
             "the first classification",
             tmp_path,
         )
         assert (
-            count(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=first)
+            scalar(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=first)
             == 120
         )
-        vectors = count(engine, "SELECT count(*) FROM embeddings")
+        vectors = scalar(engine, "SELECT count(*) FROM embeddings")
         second = register_champion(engine, artifacts[1], "e2e-2")
         result = subprocess.run(
             [*SHELVER, "backfill", "--stale", "--chunk", "50"],
@@ -273,17 +253,17 @@ def test_a_backfill_of_stale_rows_rescores_them_with_the_new_champion(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "done: 120 products" in result.stdout
     assert (
-        count(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=second) == 120
+        scalar(engine, "SELECT count(*) FROM products WHERE model_version_id = :m", m=second) == 120
     )
-    assert count(engine, "SELECT count(*) FROM classification_queue") == 0
+    assert scalar(engine, "SELECT count(*) FROM classification_queue") == 0
     with engine.connect() as conn:
         status, enqueued, total = conn.execute(
             text("SELECT status, enqueued, total FROM backfill_runs")
         ).one()
     assert (status, enqueued, total) == ("done", 120, 120)
     # Every embedding came from the cache: the re-score added history, not vectors.
-    assert count(engine, "SELECT count(*) FROM predictions") == 240
-    assert count(engine, "SELECT count(*) FROM embeddings") == vectors
+    assert scalar(engine, "SELECT count(*) FROM predictions") == 240
+    assert scalar(engine, "SELECT count(*) FROM embeddings") == vectors
 
 
 # --- the people's side: labels, review, scheduled retraining (CLI processes) ------------------
@@ -401,7 +381,7 @@ def test_a_killed_worker_loses_no_product(
             insert(engine, sample_products(shared_data, 150))
             wait_for(
                 lambda: (
-                    count(engine, "SELECT count(*) FROM products WHERE status <> 'pending'") > 0
+                    scalar(engine, "SELECT count(*) FROM products WHERE status <> 'pending'") > 0
                 ),
                 60,
                 "the first results",
@@ -410,14 +390,16 @@ def test_a_killed_worker_loses_no_product(
             # No warning, no cleanup: the whole process group dies mid-batch.
             os.killpg(doomed.pid, signal.SIGKILL)
             doomed.wait()
-        left = count(engine, "SELECT count(*) FROM products WHERE status = 'pending'")
+        left = scalar(engine, "SELECT count(*) FROM products WHERE status = 'pending'")
         assert left > 0, "the worker finished everything before it was killed"
         with running(worker_args, env, tmp_path / "worker-2.log"):
             wait_for(
-                lambda: count(engine, "SELECT count(*) FROM classification_queue") == 0,
+                lambda: scalar(engine, "SELECT count(*) FROM classification_queue") == 0,
                 180,
                 "the second worker to finish the dead one's work",
                 tmp_path,
             )
-    assert count(engine, "SELECT count(*) FROM products WHERE status IN ('pending', 'failed')") == 0
-    assert count(engine, "SELECT count(DISTINCT product_id) FROM predictions") == 150
+    assert (
+        scalar(engine, "SELECT count(*) FROM products WHERE status IN ('pending', 'failed')") == 0
+    )
+    assert scalar(engine, "SELECT count(DISTINCT product_id) FROM predictions") == 150

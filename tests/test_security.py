@@ -26,6 +26,12 @@ import psycopg2
 import pytest
 from PIL import Image
 from sqlalchemy import Engine, create_engine, text
+from support import (
+    CATEGORIES,
+    centroid_artifact,
+    register_champion,
+    training_titles,
+)
 from test_chaos import (
     SHELVER,
     Procs,
@@ -36,13 +42,6 @@ from test_chaos import (
     sample_products,
     scalar,
     wait_until,
-)
-from test_classify import (
-    CATEGORIES,
-    centroid_artifact,
-    export_or_reuse_encoders,
-    register_champion,
-    training_titles,
 )
 
 from catalog.settings import Settings, sqlalchemy_url
@@ -97,11 +96,6 @@ class ImageServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
-from test_classify import export_or_reuse_encoders
 
 from catalog.importer import import_file
 
 pytestmark = pytest.mark.slow
 
 SHELVER = [sys.executable, "-m", "worker"]
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
 
 
 def flipkart_rows(shared_data: Path) -> dict[str, list[dict[str, str]]]:

@@ -8,7 +8,7 @@ from celery.signals import worker_process_init
 from sqlalchemy.orm import Session
 
 from catalog.settings import get_settings
-from worker.celery_app import CLASSIFY_TASK, RETRAIN_TASK, app
+from worker.celery_app import BACKFILL_QUEUE, CLASSIFY_TASK, RETRAIN_TASK, app
 from worker.classify import FusionClassifier, classify_products
 from worker.runtime import get_runtime
 
@@ -35,6 +35,11 @@ def _warm_up(**_: object) -> None:
 def classify_batch(self, db: Session, product_ids: list[int]) -> dict[str, int]:  # noqa: ANN001
     """Classify queued products: fresh ones from the classify queue, backfill rows in bulk."""
     runtime = get_runtime()
+    if (self.request.delivery_info or {}).get("routing_key") == BACKFILL_QUEUE:
+        # A backfill usually follows a promotion. Look at the registry now (one
+        # cheap probe) rather than re-score a selection with the model being
+        # replaced and report it done while its rows are still stale.
+        runtime.refresh()
     champion = runtime.champion()
     classifier = (
         FusionClassifier(runtime.text_encoder, runtime.image_encoder, champion, runtime.settings)
