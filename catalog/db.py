@@ -53,14 +53,17 @@ def check_connection(engine: Engine) -> None:
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same work later can succeed.
 
-    Connection loss, serialization failures and deadlocks are transient: the
-    work itself is fine, the moment was not. A constraint violation from a
-    concurrent writer of the same idempotent row is transient too (the retry
-    sees the committed row and writes nothing).
+    Connection loss (no SQLSTATE: the server never answered), class 08
+    (connection), 40 (serialization failure, deadlock), 53 (out of resources,
+    e.g. too many connections) and 57P (server shutting down) are transient: the
+    work itself is fine, the moment was not. A unique violation (23505) from a
+    concurrent writer of the same idempotent row is transient too (the retry sees
+    the committed row and writes nothing). Anything else with a SQLSTATE, such as
+    54000 (a value too large to index), fails the same way every time.
     """
-    if isinstance(exc, OperationalError):
-        return True
-    if isinstance(exc, DBAPIError):
-        code = getattr(exc.orig, "pgcode", None) or ""
-        return code.startswith(("08", "40", "57P")) or code == "23505"
-    return False
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = getattr(exc.orig, "pgcode", None)
+    if code:
+        return code.startswith(("08", "40", "53", "57P")) or code == "23505"
+    return isinstance(exc, OperationalError)
