@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine
 
 from catalog.settings import reset_settings, sqlalchemy_url
 
@@ -86,14 +86,9 @@ def migrated_engine(services: tuple[str, str]) -> Iterator[Engine]:
 @pytest.fixture
 def engine(migrated_engine: Engine) -> Engine:
     """The migrated database, emptied before the test."""
-    with migrated_engine.begin() as conn:
-        tables = conn.execute(
-            text(
-                "SELECT string_agg(quote_ident(tablename), ', ') FROM pg_tables "
-                "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
-            )
-        ).scalar_one()
-        conn.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+    from support import empty_catalog
+
+    empty_catalog(migrated_engine)
     return migrated_engine
 
 

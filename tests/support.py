@@ -161,3 +161,15 @@ def insert(engine: Engine, rows: list[dict]) -> None:
 def scalar(engine: Engine, sql: str, **params: object) -> int:
     with engine.connect() as conn:
         return conn.execute(text(sql), params).scalar_one()
+
+
+def empty_catalog(engine: Engine) -> None:
+    """Truncate every catalog table (not Alembic's), identities reset."""
+    with engine.begin() as conn:
+        tables = conn.execute(
+            text(
+                "SELECT string_agg(quote_ident(tablename), ', ') FROM pg_tables "
+                "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+            )
+        ).scalar_one()
+        conn.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 from sqlalchemy import Engine, create_engine, text
-from support import centroid_artifact, insert, scalar, training_titles
+from support import centroid_artifact, empty_catalog, insert, scalar, training_titles
 
 from catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
 from catalog.migrate import upgrade
@@ -87,14 +87,7 @@ class Stack:
         """Empty every table and the broker, so each test starts from nothing."""
         import redis
 
-        with self.engine.begin() as conn:
-            tables = conn.execute(
-                text(
-                    "SELECT string_agg(quote_ident(tablename), ', ') FROM pg_tables "
-                    "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
-                )
-            ).scalar_one()
-            conn.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+        empty_catalog(self.engine)
         redis.Redis.from_url(self.broker_url).flushall()
 
     def stop_broker(self) -> None:
