@@ -19,6 +19,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from catalog.categories import category_ids, ensure_categories
+
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("id", "name", "description", "category", "image", "source")
@@ -235,47 +237,32 @@ RETURNING (xmax = 0) AS inserted
 """
 
 
-def _ensure_categories(cur, names: set[str]) -> tuple[dict[str, int], int]:
-    cur.execute(
-        "INSERT INTO categories (name) SELECT unnest(%s::text[]) ON CONFLICT (name) DO NOTHING",
-        (sorted(names),),
-    )
-    created = cur.rowcount
-    cur.execute("SELECT name, id FROM categories WHERE name = ANY(%s)", (sorted(names),))
-    return dict(cur.fetchall()), created
-
-
 def _write_chunk(engine: Engine, chunk: list[ProductRow], report: ImportReport) -> None:
     from psycopg2.extras import execute_values
 
-    raw = engine.raw_connection()
-    try:
-        with raw.cursor() as cur:
-            names = {r.category for r in chunk if r.category}
-            category_ids, created = _ensure_categories(cur, names) if names else ({}, 0)
-            values = [
-                (
-                    r.sku,
-                    r.name,
-                    r.description,
-                    r.image_uri,
-                    category_ids.get(r.category) if r.category else None,
-                    "import" if r.category else None,
-                )
-                for r in chunk
-            ]
+    with engine.begin() as conn:
+        names = {r.category for r in chunk if r.category}
+        report.categories_created += ensure_categories(conn, names)
+        ids = category_ids(conn, names)
+        values = [
+            (
+                r.sku,
+                r.name,
+                r.description,
+                r.image_uri,
+                ids.get(r.category) if r.category else None,
+                "import" if r.category else None,
+            )
+            for r in chunk
+        ]
+        # execute_values sends the chunk as one multi-row statement; it runs on the
+        # same connection, inside this transaction.
+        with conn.connection.driver_connection.cursor() as cur:
             results = execute_values(cur, UPSERT_SQL, values, page_size=len(values), fetch=True)
-        raw.commit()
-    except BaseException:
-        raw.rollback()
-        raise
-    finally:
-        raw.close()
     inserted = sum(1 for (was_insert,) in results if was_insert)
     report.inserted += inserted
     report.updated += len(results) - inserted
     report.unchanged += len(chunk) - len(results)
-    report.categories_created += created
 
 
 def import_file(

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from catalog import embeddings as cache
 from catalog import queue
+from catalog.categories import category_ids, ensure_categories
 from worker.encoders import ImageEncoder, TextEncoder, product_text
 from worker.featurize import ProductInput, embed_products
 from worker.images import ImageSettings
@@ -187,19 +188,6 @@ Held to the end of the write transaction: an UPDATE of one of these products
 waits until our result is committed, and then its trigger re-queues it, so a
 result can never be written over content it was not computed from."""
 
-ENSURE_CATEGORIES_SQL = text(
-    """
-    INSERT INTO categories (name)
-    SELECT unnest(CAST(:names AS text[]))
-    ON CONFLICT (name) DO NOTHING
-    """
-)
-"""A label the model knows but the catalog does not yet (a fresh database, a
-renamed category) is created; a concurrent insert of the same name waits on
-the unique index and then does nothing."""
-
-CATEGORY_IDS_SQL = text("SELECT name, id FROM categories WHERE name = ANY(CAST(:names AS text[]))")
-
 INSERT_PREDICTIONS_SQL = text(
     """
     INSERT INTO predictions
@@ -260,14 +248,16 @@ def write_results(
     }
     if done:
         names = sorted({o.category for o in done})
-        db.execute(ENSURE_CATEGORIES_SQL, {"names": names})
-        category_ids = dict(db.execute(CATEGORY_IDS_SQL, {"names": names}).all())
+        # A label the model knows but the catalog does not yet (a fresh database,
+        # a renamed category) is created.
+        ensure_categories(db, names)
+        ids = category_ids(db, names)
         params = {
             "model_version_id": classifier.model_version_id,
             "threshold": classifier.threshold,
             "product_ids": [o.product_id for o in done],
             "content_hashes": [o.content_hash for o in done],
-            "predicted_ids": [category_ids[o.category] for o in done],
+            "predicted_ids": [ids[o.category] for o in done],
             "confidences": [o.confidence for o in done],
             "top_ks": [json.dumps(o.top_k) for o in done],
             "notes": [o.note for o in done],

@@ -595,7 +595,7 @@ def label(
     except LabelFileError as exc:
         raise UserError(str(exc)) from exc
     for problem in report.problems:
-        err_console.print(f"{path}:{problem.line}: {problem.message}")
+        err_console.print(f"{path}:{problem.line}: {problem.reason}")
     console.print(
         f"{report.labeled} labeled, {report.unchanged} unchanged, {report.kept_review} kept "
         f"(labeled in review), {len(report.problems)} rejected, "

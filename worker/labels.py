@@ -16,6 +16,9 @@ from pathlib import Path
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from catalog.categories import category_ids, ensure_categories
+from catalog.importer import Rejection
+
 log = logging.getLogger(__name__)
 
 CSV_SOURCE = "label"
@@ -26,19 +29,13 @@ class LabelFileError(ValueError):
     """The label file cannot be read at all; the message says what is wrong with it."""
 
 
-@dataclass(frozen=True)
-class LineProblem:
-    line: int
-    message: str
-
-
 @dataclass
 class LabelReport:
     labeled: int = 0
     unchanged: int = 0
     kept_review: int = 0
     categories_created: int = 0
-    problems: list[LineProblem] = field(default_factory=list)
+    problems: list[Rejection] = field(default_factory=list)
 
 
 APPLY_LABEL_SQL = text(
@@ -79,21 +76,10 @@ def apply_label_file(engine: Engine, path: Path, *, create_categories: bool = Fa
     report = LabelReport()
     rows = _read_rows(path)
     with Session(engine) as db, db.begin():
-        names = sorted({category for _, _, category in rows if category})
-        if create_categories and names:
-            report.categories_created = db.execute(
-                text(
-                    "INSERT INTO categories (name) SELECT unnest(CAST(:n AS text[])) "
-                    "ON CONFLICT (name) DO NOTHING"
-                ),
-                {"n": names},
-            ).rowcount
-        categories = dict(
-            db.execute(
-                text("SELECT name, id FROM categories WHERE name = ANY(CAST(:n AS text[]))"),
-                {"n": names},
-            ).all()
-        )
+        names = {category for _, _, category in rows if category}
+        if create_categories:
+            report.categories_created = ensure_categories(db, names)
+        categories = category_ids(db, names)
         known = set(
             db.execute(
                 text("SELECT sku FROM products WHERE sku = ANY(CAST(:s AS text[]))"),
@@ -103,7 +89,7 @@ def apply_label_file(engine: Engine, path: Path, *, create_categories: bool = Fa
         for line, sku, category in rows:
             problem = _problem(sku, category, known, categories)
             if problem:
-                report.problems.append(LineProblem(line, problem))
+                report.problems.append(Rejection(line, problem))
                 continue
             changed = db.execute(
                 APPLY_LABEL_SQL,
