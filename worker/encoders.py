@@ -67,10 +67,46 @@ class EncoderSpec:
     preprocessing: TextPreprocessing | ImagePreprocessing
     source_detail: str = ""
     parity_min_cosine: float | None = None
+    # sha256 of the source weights file the export read; "" in manifests written before it was.
+    weights_sha256: str = ""
+    # training/encoder_export.py's EXPORT_RECIPE when the file was exported.
+    export_recipe: int = 0
 
     @property
     def identity(self) -> str:
-        return f"{self.name}:{self.sha256[:16]}"
+        """``name:<16 hex digits>``, naming the embedding function rather than the file.
+
+        The digest covers the source weights, package versions, preprocessing and export recipe,
+        not the ONNX bytes: exporting the same weights on another machine gives a file that
+        differs in low float bits yet computes the same vectors (docs/encoders.md), and models
+        and cached embeddings recorded under the identity must stay valid there. ``sha256``
+        still guards the file itself when it is loaded.
+        """
+        if not self.weights_sha256:
+            # Exported before weights were recorded: keep the identity that models and cached
+            # vectors were already stored under.
+            return f"{self.name}:{self.sha256[:16]}"
+        canonical = json.dumps(self._embedding_function(), sort_keys=True, separators=(",", ":"))
+        return f"{self.name}:{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
+
+    def _embedding_function(self) -> dict[str, Any]:
+        """Everything that decides which vector an input gets, and nothing about the file."""
+        preprocessing = asdict(self.preprocessing)
+        # Where the export put its copy of the tokenizer; tokenizer_sha256 says what it is.
+        preprocessing.pop("tokenizer", None)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "dim": self.dim,
+            "source": {
+                "package": self.source_package,
+                "version": self.source_version,
+                "detail": self.source_detail,
+            },
+            "preprocessing": preprocessing,
+            "weights_sha256": self.weights_sha256,
+            "export_recipe": self.export_recipe,
+        }
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
@@ -101,6 +137,8 @@ class EncoderSpec:
             preprocessing=preprocessing,
             source_detail=record["source"].get("detail", ""),
             parity_min_cosine=record.get("parity_min_cosine"),
+            weights_sha256=record.get("weights_sha256", ""),
+            export_recipe=int(record.get("export_recipe", 0)),
         )
 
 
