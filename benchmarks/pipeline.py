@@ -87,7 +87,7 @@ def bare(model_dir: Path, rows: list[dict], artifact: bytes) -> dict:
         if images:
             image_emb[where] = image_encoder.encode(images)
             present[where] = 1
-        model.predict(text_emb, image_emb, present, texts)
+        model.predict(text_emb, image_emb, present, texts, [r["name"] for r in batch])
     elapsed = time.perf_counter() - started
     return {
         "rows": len(rows),

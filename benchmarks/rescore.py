@@ -110,7 +110,8 @@ def main() -> None:
     for i in range(0, len(rows), 256):
         batch = vectors[i : i + 256]
         texts = [product_text(r["name"], r["description"]) for r in rows[i : i + 256]]
-        model.predict(batch, images[: len(batch)], np.zeros(len(batch), np.float32), texts)
+        names = [r["name"] for r in rows[i : i + 256]]
+        model.predict(batch, images[: len(batch)], np.zeros(len(batch), np.float32), texts, names)
     elapsed = time.perf_counter() - started
     report["fusion_only_rows_per_s"] = round(len(rows) / elapsed)
 

@@ -6,6 +6,7 @@ network; one short training run is shared by the tests that need a trained model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from io import BytesIO
@@ -40,18 +41,19 @@ def synthetic(n: int = 360, seed: int = 0) -> TrainingData:
     """Three classes told apart by words, a noisy text embedding and (for some) an image."""
     rng = np.random.default_rng(seed)
     labels = [LABELS[i % 3] for i in range(n)]
-    texts, text_emb = [], np.zeros((n, 384), np.float32)
+    texts, names, text_emb = [], [], np.zeros((n, 384), np.float32)
     image_emb = rng.normal(size=(n, IMAGE_DIM)).astype(np.float32)
     for i, label in enumerate(labels):
         k = LABELS.index(label)
         words = rng.choice(WORDS[label], size=2, replace=False)
-        texts.append(f"Brand{rng.integers(20)} {words[0]} model {rng.integers(900)}. {words[1]}")
+        names.append(f"Brand{rng.integers(20)} {words[0]} model {rng.integers(900)}")
+        texts.append(f"{names[-1]}. {words[1]}")
         text_emb[i] = rng.normal(scale=0.5, size=384)
         text_emb[i, k * 10 : k * 10 + 10] += 1.0
         image_emb[i, k] += 2.0
     text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
     present = (rng.random(n) < 0.6).astype(np.float32)
-    return TrainingData(texts, text_emb, image_emb, present, labels)
+    return TrainingData(texts, text_emb, image_emb, present, labels, names=names)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,8 @@ def trained(tmp_path_factory):
     params = TrainParams(
         epochs=4,
         batch_size=32,
-        lexical=LexicalParams(max_terms=2000),
+        # The default featurizer (name block included), smaller.
+        lexical=dataclasses.replace(TrainParams().lexical, max_terms=2000),
         encoders={"text": {"name": "test-text"}, "image": {"name": "test-image"}},
     )
     return data, train(data, params, report_dir), report_dir
@@ -98,10 +101,11 @@ def test_training_exports_an_artifact_that_matches_keras(trained):
     assert model.meta["encoders"]["text"]["name"] == "test-text"
     assert model.meta["lexical"]["terms"]  # vocabulary travels with the model
     assert {"lex_ids", "lex_weights"} <= set(model.meta["inputs"])
+    assert model.vocabulary.reads_names and any(t.startswith("nw:") for t in model.vocabulary.terms)
     assert 0.0 <= result.metrics["linear_weight"] <= 1.0
     # Even four epochs learn this easy task: served predictions are mostly right.
     test = data.subset(result.split.test)
-    probs = model.predict(test.text_emb, test.image_emb, test.image_present, test.texts)
+    probs = model.predict_rows(test)
     assert probs.shape == (len(test.labels), 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     accuracy = np.mean(
@@ -151,8 +155,8 @@ def test_missing_image_is_served_from_text_alone(trained):
     rows = data.subset(np.arange(12))
     absent = np.zeros(12, np.float32)
     garbage = np.random.default_rng(1).normal(size=rows.image_emb.shape).astype(np.float32) * 100
-    a = model.predict(rows.text_emb, rows.image_emb, absent, rows.texts)
-    b = model.predict(rows.text_emb, garbage, absent, rows.texts)
+    a = model.predict(rows.text_emb, rows.image_emb, absent, rows.texts, rows.names)
+    b = model.predict(rows.text_emb, garbage, absent, rows.texts, rows.names)
     np.testing.assert_array_equal(a, b)  # whatever sits in image_emb, it is ignored
     assert np.isfinite(a).all()
 
@@ -233,6 +237,48 @@ def test_tfidf_union_analyzer_sees_what_the_baseline_sees():
     # Each block has unit length on its own, as in a FeatureUnion of two vectorizers.
     assert np.linalg.norm(weights[0][is_word]) == pytest.approx(1.0, abs=1e-6)
     assert np.linalg.norm(weights[0][~is_word]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_name_block_is_the_baselines_features_of_the_name_beside_those_of_the_text():
+    import scipy.sparse as sp
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import FeatureUnion
+
+    def union():
+        return FeatureUnion([
+            ("word", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)),
+            ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True,
+                                     min_df=2)),
+        ])  # fmt: skip
+
+    names = ["Canon EOS R50", "Samsung Galaxy S9 case", "Canon lens 50mm", "Samsung TV 55in"]
+    texts = [
+        f"{n}. {d}"
+        for n, d in zip(names, ["Mirrorless camera.", "Fits Galaxy phones.", "Prime lens for "
+                                "Canon cameras.", "4K television from Samsung."], strict=True)
+    ]  # fmt: skip
+    params = LexicalParams(analyzer="tfidf_union", word_min_df=1, name_weight=0.5)
+    vocab = fit_vocabulary(texts, params, names=names)
+    ours = lexical_matrix(vocab, texts, names).toarray()
+    text_union, name_union = union().fit(texts), union().fit(names)
+    theirs = sp.hstack([text_union.transform(texts), 0.5 * name_union.transform(names)]).toarray()
+    # Same values once each vocabulary's columns are put in the other's order.
+    columns = [f"{b}:{t}" for b, t in (
+        [("w", t) for t in text_union.transformer_list[0][1].get_feature_names_out()]
+        + [("c", t) for t in text_union.transformer_list[1][1].get_feature_names_out()]
+        + [("nw", t) for t in name_union.transformer_list[0][1].get_feature_names_out()]
+        + [("nc", t) for t in name_union.transformer_list[1][1].get_feature_names_out()]
+    )]  # fmt: skip
+    assert sorted(columns) == sorted(vocab.terms)
+    order = [vocab.terms.index(c) + 1 for c in columns]
+    np.testing.assert_allclose(ours[:, order], theirs, atol=1e-6)
+
+    again = LexicalVocabulary.from_json(json.loads(json.dumps(vocab.to_json())))
+    np.testing.assert_allclose(lexical_matrix(again, texts, names).toarray(), ours, atol=1e-6)
+    with pytest.raises(ValueError, match="pass names"):
+        vocab.transform(texts)
+    with pytest.raises(ValueError, match="3 names"):
+        vocab.transform(texts, names[:3])
 
 
 def test_evaluation_figures_on_a_hand_made_example(tmp_path):

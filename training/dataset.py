@@ -75,6 +75,7 @@ def load_labeled_set(
         image_emb=np.concatenate([f.image_emb for f in parts]),
         image_present=np.concatenate([f.image_present for f in parts]),
         labels=[label for _, label in rows],
+        names=[n for f in parts for n in f.names],
         # Near-identical titles stay on one side of the split, and each title's side is
         # stable from one run to the next (see training/splits.py).
         groups=title_prefix_groups([product.name for product, _ in rows]),

@@ -160,7 +160,7 @@ def score(model: FusionModel, data: TrainingData, rows: Sequence[int] | None = N
     """
     if rows is not None:
         data = data.subset(np.asarray(rows))
-    probs = model.predict(data.text_emb, data.image_emb, data.image_present, data.texts)
+    probs = model.predict_rows(data)
     return evaluate(data.labels, probs, model.labels, threshold=model.threshold)
 
 

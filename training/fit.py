@@ -5,7 +5,8 @@ entry point the CLI and the scheduled retraining call. Reading rows from the cat
 and computing or caching embeddings happen before; registering the result after.
 
 API:
-    data = TrainingData(texts, text_emb, image_emb, image_present, labels, groups=None)
+    data = TrainingData(texts, text_emb, image_emb, image_present, labels, groups=None,
+                        names=None)
     result = train(data, TrainParams(), report_dir=Path("reports/run-1"))
     result.artifact, result.sha256       # bytes for the registry, and their sha256
     result.metrics                       # JSON-able: test metrics + baseline side by side
@@ -49,10 +50,14 @@ class TrainingData:
     image_present: np.ndarray  # (n,) 0/1
     labels: list[str]
     groups: list[str] | None = None
+    # Product names, read by a lexical vocabulary with a name block (name_weight > 0).
+    names: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
         sizes = {len(self.texts), len(self.text_emb), len(self.image_emb), len(self.image_present)}
+        if self.names is not None:
+            sizes.add(len(self.names))
         if sizes != {n}:
             raise ValueError(f"training data: all fields need {n} rows, got sizes {sorted(sizes)}")
 
@@ -64,6 +69,7 @@ class TrainingData:
             image_present=self.image_present[rows],
             labels=[self.labels[i] for i in rows],
             groups=None if self.groups is None else [self.groups[i] for i in rows],
+            names=None if self.names is None else [self.names[i] for i in rows],
         )
 
 
@@ -151,11 +157,11 @@ class LinearModel:
         return e / e.sum(axis=1, keepdims=True)
 
 
-def lexical_matrix(vocabulary: LexicalVocabulary, texts: list[str]):
+def lexical_matrix(vocabulary: LexicalVocabulary, texts: list[str], names: list[str] | None = None):
     """The TF-IDF bags as a scipy CSR matrix (n, vocabulary size) for scikit-learn."""
     import scipy.sparse as sp
 
-    ids, weights = vocabulary.transform(texts)
+    ids, weights = vocabulary.transform(texts, names)
     rows = np.repeat(np.arange(len(ids)), ids.shape[1])
     keep = weights.ravel() != 0
     return sp.csr_matrix(
@@ -253,7 +259,7 @@ def fit_model(
     # The vocabulary is fitted on train + validation texts (no labels), like the
     # baseline's TF-IDF, so the refitted linear model knows validation-only terms.
     rest = data.subset(np.concatenate([split.train, split.val]))
-    vocabulary = fit_vocabulary(rest.texts, params.lexical) if params.lexical else None
+    vocabulary = fit_vocabulary(rest.texts, params.lexical, rest.names) if params.lexical else None
     neural_lexical = vocabulary is not None and (params.lexical_units > 0 or params.lexical_wide)
     shape = ModelShape(
         num_classes=len(labels),
@@ -278,6 +284,7 @@ def fit_model(
             part.text_emb,
             part.image_emb,
             part.image_present,
+            part.names,
         )
 
     one_hot = np.eye(len(labels), dtype=np.float32)
@@ -321,15 +328,15 @@ def fit_model(
     weight = 0.0
     if params.linear_c is not None and vocabulary is not None:
         x_train, x_val = (
-            lexical_matrix(vocabulary, train.texts),
-            lexical_matrix(vocabulary, val.texts),
+            lexical_matrix(vocabulary, train.texts, train.names),
+            lexical_matrix(vocabulary, val.texts, val.names),
         )
         linear, estimator = fit_linear(x_train, y[split.train], len(labels), params.linear_c)
         linear_val = linear.predict_proba(x_val)
         weight = choose_linear_weight(y[split.val], linear_val, val_probs, params.linear_weights)
         val_probs = weight * linear_val + (1 - weight) * val_probs
         linear, _ = fit_linear(
-            lexical_matrix(vocabulary, rest.texts),
+            lexical_matrix(vocabulary, rest.texts, rest.names),
             np.concatenate([y[split.train], y[split.val]]),
             len(labels),
             params.linear_c,
@@ -346,7 +353,12 @@ def fit_model(
 def predict_keras(fitted: FittedModel, data: TrainingData, batch_size: int = 1024) -> np.ndarray:
     """Class probabilities (n, K) from the Keras model, columns in ``fitted.labels`` order."""
     feeds = fusion_inputs(
-        fitted.vocabulary, data.texts, data.text_emb, data.image_emb, data.image_present
+        fitted.vocabulary,
+        data.texts,
+        data.text_emb,
+        data.image_emb,
+        data.image_present,
+        data.names,
     )
     return np.asarray(fitted.model.predict(feeds, batch_size=batch_size, verbose=0))
 
@@ -417,7 +429,12 @@ def train(
     )
 
     test_feeds = fusion_inputs(
-        fitted.vocabulary, test.texts, test.text_emb, test.image_emb, test.image_present
+        fitted.vocabulary,
+        test.texts,
+        test.text_emb,
+        test.image_emb,
+        test.image_present,
+        test.names,
     )
     exported = export_artifact(
         fitted,
@@ -428,7 +445,7 @@ def train(
         extra_meta={"target_precision": params.target_precision},
     )
     served = FusionModel.from_artifact(exported.artifact, exported.sha256)
-    test_probs = served.predict(test.text_emb, test.image_emb, test.image_present, test.texts)
+    test_probs = served.predict_rows(test)
     test_metrics = evaluate(test.labels, test_probs, fitted.labels, threshold, report_dir)
 
     started = time.perf_counter()

@@ -45,7 +45,7 @@ def score_model(model: FusionModel, data: Any, rows: Sequence[int] | None = None
     """Score ``model`` on training arrays (``training.fit.TrainingData``), optionally a subset."""
     if rows is not None:
         data = data.subset(np.asarray(rows))
-    probs = model.predict(data.text_emb, data.image_emb, data.image_present, data.texts)
+    probs = model.predict_rows(data)
     return score_predictions(data.labels, probs, model.labels, model.threshold)
 
 
@@ -68,9 +68,7 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
         ProductInput(-(i + 1), "", r.name, r.description, r.image_uri) for i, r in enumerate(rows)
     ]
     features = embed_products(None, products, text_encoder, image_encoder, settings)
-    probs = model.predict(
-        features.text_emb, features.image_emb, features.image_present, features.texts
-    )
+    probs = model.predict_rows(features)
     metrics = score_predictions([r.category for r in rows], probs, model.labels, model.threshold)
     metrics["images_unusable"] = len(features.image_errors)
     return FileEvaluation(metrics, report)

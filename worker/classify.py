@@ -158,6 +158,7 @@ class FusionClassifier:
                 features.image_emb[usable],
                 present[usable],
                 [texts[i] for i in usable],
+                [features.names[i] for i in usable],
             )
             for i, p in zip(usable, probs, strict=True):
                 best = int(np.argmax(p))

@@ -37,6 +37,7 @@ class Features:
     text_emb: np.ndarray
     image_emb: np.ndarray
     image_present: np.ndarray
+    names: list[str]
     # product id -> "reason: message" for images that were given but not usable
     image_errors: dict[int, str] = field(default_factory=dict)
     new_text: list[CachedEmbedding] = field(default_factory=list)
@@ -110,4 +111,5 @@ def embed_products(
         ]
     if errors:
         log.info("%d of %d images unusable; those rows use text alone", len(errors), len(products))
-    return Features(texts, text_emb, image_emb, present, errors, new_text, new_image)
+    names = [(p.name or "").strip() for p in products]
+    return Features(texts, text_emb, image_emb, present, names, errors, new_text, new_image)

@@ -79,8 +79,12 @@ def fusion_inputs(
     text_emb: np.ndarray,
     image_emb: np.ndarray,
     image_present: np.ndarray,
+    names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The named input arrays of the fusion graph; training feeds Keras with the same."""
+    """The named input arrays of the fusion graph; training feeds Keras with the same.
+
+    ``names`` (product names) are read only by a vocabulary with a name block.
+    """
     present = np.asarray(image_present, dtype=np.float32).reshape(-1, 1)
     feeds = {
         "text_emb": np.asarray(text_emb, dtype=np.float32),
@@ -92,7 +96,7 @@ def fusion_inputs(
     if vocabulary is not None:
         if texts is None:
             raise ValueError("this model has a lexical branch: pass the packed texts")
-        feeds["lex_ids"], feeds["lex_weights"] = vocabulary.transform(texts)
+        feeds["lex_ids"], feeds["lex_weights"] = vocabulary.transform(texts, names)
     return feeds
 
 
@@ -154,16 +158,26 @@ class FusionModel:
         log.info("fusion model loaded: %d classes, sha256 %s", len(model.labels), actual[:12])
         return model
 
+    def predict_rows(self, rows) -> np.ndarray:
+        """``predict`` on the fields of a ``worker.featurize.Features`` or a
+        ``training.fit.TrainingData`` (text_emb, image_emb, image_present, texts, names)."""
+        return self.predict(
+            rows.text_emb, rows.image_emb, rows.image_present, rows.texts, rows.names
+        )
+
     def predict(
         self,
         text_emb: np.ndarray,
         image_emb: np.ndarray,
         image_present: np.ndarray,
         texts: Sequence[str] | None = None,
+        names: Sequence[str] | None = None,
     ) -> np.ndarray:
         """Class probabilities (n, K), columns in ``self.labels`` order.
 
         Rows without an image need ``image_present`` 0; their ``image_emb`` is ignored.
+        ``texts`` are the packed product texts and ``names`` the product names; a model
+        with a lexical branch needs the texts, and the names too if it reads them.
         """
         text_emb = np.asarray(text_emb, dtype=np.float32)
         image_emb = np.asarray(image_emb, dtype=np.float32)
@@ -175,8 +189,10 @@ class FusionModel:
                 f"image_emb must be ({n}, {self.meta['image_dim']}), got {image_emb.shape}"
             )
         present = np.asarray(image_present, dtype=np.float32).reshape(-1)
-        if len(present) != n or (texts is not None and len(texts) != n):
-            raise ValueError("text_emb, image_emb, image_present and texts need the same rows")
+        if len(present) != n or any(x is not None and len(x) != n for x in (texts, names)):
+            raise ValueError(
+                "text_emb, image_emb, image_present, texts and names need the same rows"
+            )
         out = np.empty((n, len(self.labels)), dtype=np.float32)
         for start in range(0, n, PREDICT_CHUNK):
             rows = slice(start, start + PREDICT_CHUNK)
@@ -186,6 +202,7 @@ class FusionModel:
                 text_emb[rows],
                 image_emb[rows],
                 present[rows],
+                None if names is None else names[rows],
             )
             out[rows] = self._session.run(None, {k: feeds[k] for k in self._inputs})[0]
         return out

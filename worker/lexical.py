@@ -14,6 +14,10 @@ API:
     vocab = fit_vocabulary(texts, LexicalParams())      # at training time
     ids, weights = vocab.transform(texts)                # (n, L) int64, (n, L) float32
     LexicalVocabulary.from_json(vocab.to_json())         # round trip through meta.json
+
+    # With ``name_weight`` > 0 the product names form blocks of their own:
+    vocab = fit_vocabulary(texts, params, names=names)
+    ids, weights = vocab.transform(texts, names=names)
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ _SKLEARN_WORD = re.compile(r"(?u)\b\w\w+\b")
 
 # Id 0 is reserved for padding, so a padded slot (id 0, weight 0) adds nothing.
 PAD_ID = 0
+
+# Term prefix -> normalization block: text words, text chars, name words, name chars.
+_BLOCKS = {"w": 0, "c": 1, "nw": 2, "nc": 3}
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,11 @@ class LexicalParams:
     analyzer: str = "words"
     # Document frequency a word term needs, when it differs from ``min_df``.
     word_min_df: int | None = None
+    # > 0: the product name is analyzed again on its own, into a name-word and a
+    # name-char block (terms "nw:" and "nc:"), each L2-normalized and then scaled by
+    # this weight. Where long descriptions drown the name (Best Buy) this is the
+    # single largest gain measured (docs/training.md). "tfidf_union" only.
+    name_weight: float = 0.0
 
 
 def _char_ngrams(word: str, lo: int, hi: int) -> Iterable[str]:
@@ -71,8 +83,22 @@ def _char_ngrams(word: str, lo: int, hi: int) -> Iterable[str]:
             yield padded[i : i + n]
 
 
-def analyze(text: str, params: LexicalParams) -> list[str]:
-    """The terms of one text, with repeats; word terms start "w:", char terms "c:"."""
+def analyze(text: str, params: LexicalParams, name: str | None = None) -> list[str]:
+    """The terms of one text, with repeats; word terms start "w:", char terms "c:".
+
+    With ``params.name_weight`` > 0, the terms of ``name`` follow, prefixed "n"
+    ("nw:", "nc:").
+    """
+    if params.name_weight > 0:
+        if params.analyzer != "tfidf_union":
+            raise ValueError("lexical name_weight needs the tfidf_union analyzer")
+        if name is None:
+            raise ValueError("this lexical vocabulary reads product names: pass names")
+        return _terms(text, params) + ["n" + t for t in _terms(name, params)]
+    return _terms(text, params)
+
+
+def _terms(text: str, params: LexicalParams) -> list[str]:
     text = text[: params.max_chars].lower()
     if params.analyzer == "tfidf_union":
         words, char_words = _SKLEARN_WORD.findall(text), text.split()
@@ -105,25 +131,35 @@ class LexicalVocabulary:
         # A lookup table, derived, not part of the identity of the vocabulary.
         object.__setattr__(self, "_index", {t: i + 1 for i, t in enumerate(self.terms)})
         object.__setattr__(self, "_idf", np.asarray((0.0, *self.idf), dtype=np.float32))
-        is_word = np.asarray((False, *(t.startswith("w:") for t in self.terms)), dtype=bool)
-        object.__setattr__(self, "_is_word", is_word)
+        # Each term's normalization block: the prefix before ":" (w, c, nw, nc).
+        block = np.asarray((-1, *(_BLOCKS[t.split(":", 1)[0]] for t in self.terms)))
+        object.__setattr__(self, "_block", block)
 
     @property
     def size(self) -> int:
         """Rows of the embedding table the model needs, padding included."""
         return len(self.terms) + 1
 
-    def transform(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Padded (ids, weights) of sublinear-tf x idf, L2-normalized per row.
+    @property
+    def reads_names(self) -> bool:
+        return self.params.name_weight > 0
 
-        Unknown terms are dropped. A row with no known term is all padding, which the
-        model sees as "no lexical evidence" rather than an error.
+    def transform(
+        self, texts: Sequence[str], names: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Padded (ids, weights) of sublinear-tf x idf, L2-normalized per row and block.
+
+        ``names`` (the product names, one per text) are needed when the vocabulary
+        reads them (``reads_names``) and ignored otherwise. Unknown terms are dropped.
+        A row with no known term is all padding, which the model sees as "no lexical
+        evidence" rather than an error.
         """
         index: dict[str, int] = self._index  # type: ignore[attr-defined]
         idf: np.ndarray = self._idf  # type: ignore[attr-defined]
+        named = _with_names(texts, names if self.reads_names else None, self.reads_names)
         rows: list[tuple[np.ndarray, np.ndarray]] = []
-        for text in texts:
-            counts = Counter(t for t in analyze(text, self.params) if t in index)
+        for text, name in named:
+            counts = Counter(t for t in analyze(text, self.params, name) if t in index)
             ids = np.fromiter((index[t] for t in counts), dtype=np.int64, count=len(counts))
             tf = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
             w = (1.0 + np.log(tf)) * idf[ids]
@@ -142,15 +178,16 @@ class LexicalVocabulary:
 
     def _normalized(self, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
         if self.params.analyzer == "words":
-            blocks = [np.ones(len(ids), dtype=bool)]
-        else:
-            is_word = self._is_word[ids]  # type: ignore[attr-defined]
-            blocks = [is_word, ~is_word]
+            norm = float(np.sqrt(np.dot(w, w)))
+            return w / norm if norm > 0 else w.copy()
+        term_block = self._block[ids]  # type: ignore[attr-defined]
         out = w.copy()
-        for block in blocks:
+        name_weight = self.params.name_weight
+        for b, scale in ((0, 1.0), (1, 1.0), (2, name_weight), (3, name_weight)):
+            block = term_block == b
             norm = float(np.sqrt(np.dot(w[block], w[block])))
             if norm > 0:
-                out[block] = w[block] / norm
+                out[block] = scale * w[block] / norm
         return out
 
     def to_json(self) -> dict:
@@ -171,18 +208,35 @@ class LexicalVocabulary:
         return cls(params=LexicalParams(**raw), terms=tuple(data["terms"]), idf=tuple(data["idf"]))
 
 
-def fit_vocabulary(texts: Sequence[str], params: LexicalParams) -> LexicalVocabulary:
+def _with_names(
+    texts: Sequence[str], names: Sequence[str] | None, needed: bool
+) -> list[tuple[str, str | None]]:
+    if not needed:
+        return [(text, None) for text in texts]
+    if names is None:
+        raise ValueError("this lexical vocabulary reads product names: pass names")
+    if len(names) != len(texts):
+        raise ValueError(f"lexical features: {len(texts)} texts but {len(names)} names")
+    return list(zip(texts, names, strict=True))
+
+
+def fit_vocabulary(
+    texts: Sequence[str], params: LexicalParams, names: Sequence[str] | None = None
+) -> LexicalVocabulary:
     """Keep the ``max_terms`` most frequent terms seen in at least ``min_df`` texts.
 
-    Ties in document frequency are broken by the term itself so the vocabulary is the
-    same on every run, which keeps artifacts reproducible.
+    ``names`` are needed when ``params.name_weight`` > 0. Ties in document frequency
+    are broken by the term itself so the vocabulary is the same on every run, which
+    keeps artifacts reproducible.
     """
     df: Counter[str] = Counter()
-    for text in texts:
-        df.update(set(analyze(text, params)))
+    for text, name in _with_names(texts, names, params.name_weight > 0):
+        df.update(set(analyze(text, params, name)))
     word_min_df = params.min_df if params.word_min_df is None else params.word_min_df
     kept = [
-        (t, c) for t, c in df.items() if c >= (word_min_df if t.startswith("w:") else params.min_df)
+        (t, c)
+        for t, c in df.items()
+        if c >= (word_min_df if t.startswith(("w:", "nw:")) else params.min_df)
     ]
     kept.sort(key=lambda tc: (-tc[1], tc[0]))
     kept = kept[: params.max_terms]
