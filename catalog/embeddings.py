@@ -1,8 +1,9 @@
 """The embedding cache: vectors keyed by product, encoder identity and content hash.
 
-An encoder identity is "name:sha256-prefix" of the exported file, so a re-exported or swapped
-encoder never reads another one's vectors, and a product whose text or image changed (a new
-content hash) never reads its old ones. Vectors are float32 little-endian bytes.
+An encoder identity is "name:hash" of what the encoder computes (its source weights,
+preprocessing and export recipe; worker/encoders.py), so an encoder with other weights or
+preprocessing never reads another one's vectors, and a product whose text or image changed
+(a new content hash) never reads its old ones. Vectors are float32 little-endian bytes.
 """
 
 from __future__ import annotations
