@@ -17,11 +17,15 @@ import pytest
 from training.evaluate import choose_threshold, evaluate, score
 from training.export import check_parity, to_onnx
 from training.fit import (
+    LinearModel,
     TrainingData,
     TrainParams,
     choose_linear_weight,
     fit_linear,
+    fit_model,
     lexical_matrix,
+    refit_linear,
+    split_for,
     train,
 )
 from training.model import ModelShape, build_ensemble, build_model
@@ -113,6 +117,38 @@ def test_training_exports_an_artifact_that_matches_keras(trained):
     )
     assert accuracy > 0.8
     assert score(model, data, result.split.test)["accuracy"] == pytest.approx(accuracy)
+
+
+def test_served_artifact_refits_the_linear_part_and_the_evaluated_one_is_kept(trained):
+    data, result, _ = trained
+    assert result.eval_artifact and result.eval_artifact != result.artifact
+    evaluated = FusionModel.from_artifact(result.eval_artifact, result.eval_sha256)
+    # The test figures are the evaluated artifact's, not the refitted one's.
+    assert score(evaluated, data, result.split.test)["macro_f1"] == pytest.approx(
+        result.metrics["test"]["macro_f1"]
+    )
+    served = FusionModel.from_artifact(result.artifact, result.sha256)
+    assert served.meta["linear_refit_rows"] == len(data.labels)
+    assert result.metrics["served"]["linear_part_refit_on_rows"] == len(data.labels)
+    assert served.threshold == evaluated.threshold and served.labels == evaluated.labels
+
+
+def test_refit_linear_is_the_fit_on_every_row():
+    data = synthetic(n=120, seed=3)
+    lexical = dataclasses.replace(TrainParams().lexical, max_terms=2000)
+    params = TrainParams(epochs=2, batch_size=32, lexical=lexical)
+    fitted = fit_model(data, split_for(data, params), params)
+    refitted = refit_linear(fitted, data)
+    coef, bias = refitted.model.get_layer("linear").get_weights()
+    features = lexical_matrix(fitted.vocabulary, data.texts, data.names)
+    y = np.array([LABELS.index(label) for label in data.labels])
+    cold, _ = fit_linear(features, y, num_classes=3, c=params.linear_c)
+    np.testing.assert_allclose(
+        LinearModel(coef, bias).predict_proba(features), cold.predict_proba(features), atol=5e-3
+    )
+    before, _ = fitted.model.get_layer("linear").get_weights()
+    assert not np.allclose(before, coef)  # the evaluated model is left as it was
+    assert refitted.network is fitted.network and refitted.vocabulary is fitted.vocabulary
 
 
 def test_report_has_baseline_side_by_side_and_pngs(trained):

@@ -109,6 +109,19 @@ def test_train_report_gate_rollback_and_evaluate(
     second = shelver(env, "train")
     assert second.returncode == 0, second.stderr
     assert statuses(engine) == {"v1": "retired", "v2": "champion"}, second.stdout
+    # The served artifact's linear part was refit on every row; the registry keeps
+    # the evaluated one, and the gate scored that one (its test figures), not the
+    # refit one that has seen the test rows.
+    with engine.connect() as conn:
+        kept = conn.execute(
+            text("SELECT eval_sha256 IS NOT NULL AND eval_sha256 <> sha256, training_run_id "
+                 "FROM model_versions WHERE version = 'v2'")
+        ).one()  # fmt: skip
+        run = conn.execute(
+            text("SELECT metrics FROM training_runs WHERE id = :id"), {"id": kept[1]}
+        ).scalar_one()
+    assert kept[0]
+    assert run["gate"]["candidate_on_test"] == pytest.approx(run["test"]["macro_f1"])
 
     # v3: back to 10 labels per category; it cannot beat v2 on its test rows.
     keep_labels(engine, 10)

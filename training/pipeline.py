@@ -94,7 +94,8 @@ def train_and_register(
             report_dir=report_dir,
             on_epoch=(lambda done, most: progress("training", done, most)) if progress else None,
         )
-        candidate_model = FusionModel.from_artifact(result.artifact, result.sha256)
+        # Scored as evaluated: the served artifact's linear part has seen the test rows.
+        candidate_model = FusionModel.from_artifact(result.eval_artifact, result.eval_sha256)
         test_rows = list(result.split.test)
         candidate_scores = score_model(candidate_model, labeled.data, rows=test_rows)
         with engine.begin() as conn:
@@ -109,12 +110,16 @@ def train_and_register(
                 metrics=result.metrics,
                 threshold=float(result.threshold),
                 training_run_id=run_id,
+                eval_artifact=result.eval_artifact,
+                eval_sha256=result.eval_sha256,
             )
         champion_scores = None
         if current is not None:
             with engine.connect() as conn:
-                artifact = registry.artifact_of(conn, current.id)
-            champion_scores = _score_champion(current, artifact, labeled.data, test_rows, params)
+                artifact, sha256 = registry.gate_artifact_of(conn, current.id)
+            champion_scores = _score_champion(
+                current, artifact, sha256, labeled.data, test_rows, params
+            )
         if current is not None and champion_scores is None:
             decision = registry.GateDecision(
                 False,
@@ -164,9 +169,18 @@ def train_and_register(
 
 
 def _score_champion(
-    champion: registry.ModelRecord, artifact: bytes, data, rows: list[int], params: TrainParams
+    champion: registry.ModelRecord,
+    artifact: bytes,
+    sha256: str,
+    data,
+    rows: list[int],
+    params: TrainParams,
 ) -> dict | None:
     """The champion's figures on the candidate's test rows, or None if it cannot be compared.
+
+    ``artifact`` is the champion as evaluated (``registry.gate_artifact_of``): the
+    split is stable, so it never trained on these rows, while its served artifact may
+    have.
 
     A champion built on other encoders sees other embeddings; comparing it on
     ours would be meaningless, so the gate then leaves the decision to a person.
@@ -177,5 +191,5 @@ def _score_champion(
             champion.version, champion.encoders, params.encoders,
         )  # fmt: skip
         return None
-    model = FusionModel.from_artifact(artifact, champion.sha256)
+    model = FusionModel.from_artifact(artifact, sha256)
     return score_model(model, data, rows=rows)

@@ -55,21 +55,30 @@ def register_candidate(
     metrics: dict[str, Any],
     threshold: float,
     training_run_id: int | None = None,
+    eval_artifact: bytes | None = None,
+    eval_sha256: str | None = None,
 ) -> ModelRecord:
+    """``eval_artifact`` is the artifact the model's test figures are of, when the one
+    that serves (``artifact``) has since seen the test rows; the gate scores it."""
+    if eval_artifact == artifact:
+        eval_artifact = eval_sha256 = None  # nothing was refitted: one copy is enough
     row = conn.execute(
         text(
             f"""
             INSERT INTO model_versions
                 (version, status, artifact, sha256, labels, encoders, metrics, threshold,
-                 training_run_id)
+                 training_run_id, eval_artifact, eval_sha256)
             VALUES (:version, 'candidate', :artifact, :sha256, CAST(:labels AS jsonb),
-                    CAST(:encoders AS jsonb), CAST(:metrics AS jsonb), :threshold, :run)
+                    CAST(:encoders AS jsonb), CAST(:metrics AS jsonb), :threshold, :run,
+                    :eval_artifact, :eval_sha256)
             RETURNING {_COLUMNS}
             """
         ),
         {
             "version": version,
             "artifact": artifact,
+            "eval_artifact": eval_artifact,
+            "eval_sha256": eval_sha256,
             "sha256": sha256,
             "labels": _json(labels),
             "encoders": _json(encoders),
@@ -109,6 +118,21 @@ def artifact_of(conn: Connection, model_id: int) -> bytes:
             text("SELECT artifact FROM model_versions WHERE id = :id"), {"id": model_id}
         ).scalar_one()
     )
+
+
+def gate_artifact_of(conn: Connection, model_id: int) -> tuple[bytes, str]:
+    """The artifact the gate may score on held-out rows, and its sha256: the evaluated
+    one if the served artifact was refitted on every row, else the served one."""
+    artifact, sha256 = conn.execute(
+        text(
+            """
+            SELECT coalesce(eval_artifact, artifact), coalesce(eval_sha256, sha256)
+            FROM model_versions WHERE id = :id
+            """
+        ),
+        {"id": model_id},
+    ).one()
+    return bytes(artifact), sha256
 
 
 def list_models(conn: Connection) -> list[ModelRecord]:
