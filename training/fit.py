@@ -377,8 +377,10 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
     For the artifact that serves, once the test rows have done their job: the
     linear part carries most of the mix and most of what rare classes have, and
     holding a fifth of a 10-row class out of it for good costs more than any
-    recipe change gained (docs/training.md). The network, the vocabulary, the
-    share and the threshold stay as evaluated. Warm-started, so it is quick.
+    recipe change gained (docs/training.md). The vocabulary is refitted too (the
+    held-out rows' names and model numbers are terms the served model should
+    know) unless the network reads it. The network, the share and the threshold
+    stay as evaluated.
     """
     from training.model import build_ensemble
 
@@ -386,17 +388,23 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
         raise ValueError("this model has no linear part to refit")
     index = {label: k for k, label in enumerate(fitted.labels)}
     y = np.array([index[label] for label in data.labels], dtype=np.int64)
-    # A warm start needs the same classes; a class seen only in test rows starts cold.
-    same_classes = set(np.unique(y)) == set(fitted.linear_estimator.classes_)
+    vocabulary, warm = fitted.vocabulary, fitted.linear_estimator
+    if "lex_ids" not in {t.name for t in fitted.network.inputs}:
+        vocabulary = fit_vocabulary(data.texts, vocabulary.params, data.names)
+        warm = None  # other columns: nothing to start from
+    elif set(np.unique(y)) != set(warm.classes_):
+        warm = None  # a warm start needs the same classes
     linear, estimator = fit_linear(
-        lexical_matrix(fitted.vocabulary, data.texts, data.names),
+        lexical_matrix(vocabulary, data.texts, data.names),
         y,
         len(fitted.labels),
         float(fitted.linear_estimator.C),
-        fitted.linear_estimator if same_classes else None,
+        warm,
     )
     model = build_ensemble(fitted.network, linear.coef, linear.bias, fitted.linear_weight)
-    return dataclasses.replace(fitted, model=model, linear_estimator=estimator)
+    return dataclasses.replace(
+        fitted, model=model, vocabulary=vocabulary, linear_estimator=estimator
+    )
 
 
 def predict_keras(fitted: FittedModel, data: TrainingData, batch_size: int = 1024) -> np.ndarray:
