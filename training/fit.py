@@ -5,8 +5,7 @@ entry point the CLI and the scheduled retraining call. Reading rows from the cat
 and computing or caching embeddings happen before; registering the result after.
 
 API:
-    data = TrainingData(texts, text_emb, image_emb, image_present, labels, groups=None,
-                        names=None)
+    data = TrainingData(texts, text_emb, image_emb, image_present, labels, names=names)
     result = train(data, TrainParams(), report_dir=Path("reports/run-1"))
     result.artifact, result.sha256       # bytes for the registry, and their sha256
     result.metrics                       # JSON-able: test metrics + baseline side by side
@@ -126,8 +125,9 @@ class TrainParams:
             name_weight=0.5,
         )
     )
-    # After evaluation, refit the linear part on every row (test rows included) for
-    # the artifact that serves; the evaluated artifact is kept for the registry gate.
+    # After evaluation, refit the vocabulary and the linear part on every row (test
+    # rows included) for the artifact that serves (``refit_linear``); the evaluated
+    # artifact is kept for the registry gate.
     refit_all: bool = True
     target_precision: float = 0.97
     # Precision counted as if categories were equally common (training/evaluate.py).
@@ -544,9 +544,18 @@ def train(
     serving = exported
     if params.refit_all and fitted.linear_estimator is not None:
         started = time.perf_counter()
+        refitted = refit_linear(fitted, data)
         serving = export_artifact(
-            refit_linear(fitted, data),
-            test_feeds,
+            refitted,
+            # Fed through the refitted vocabulary: its term ids are its own.
+            fusion_inputs(
+                refitted.vocabulary,
+                test.texts,
+                test.text_emb,
+                test.image_emb,
+                test.image_present,
+                test.names,
+            ),
             threshold,
             text_packing=params.text_packing,
             encoders=params.encoders,
