@@ -185,6 +185,13 @@ def lexical_matrix(vocabulary: LexicalVocabulary, texts: list[str], names: list[
     )
 
 
+def feeds_of(vocabulary: LexicalVocabulary | None, part: TrainingData) -> dict[str, np.ndarray]:
+    """The fusion graph's named inputs for ``part`` (``worker.fusion.fusion_inputs``)."""
+    return fusion_inputs(
+        vocabulary, part.texts, part.text_emb, part.image_emb, part.image_present, part.names
+    )
+
+
 def fit_linear(features, y: np.ndarray, num_classes: int, c: float, estimator=None):
     """Balanced multinomial logistic regression, as the baseline (C, class weights).
 
@@ -295,14 +302,7 @@ def fit_model(
     )
 
     def feeds(part: TrainingData):
-        return fusion_inputs(
-            vocabulary if neural_lexical else None,
-            part.texts,
-            part.text_emb,
-            part.image_emb,
-            part.image_present,
-            part.names,
-        )
+        return feeds_of(vocabulary if neural_lexical else None, part)
 
     one_hot = np.eye(len(labels), dtype=np.float32)
     large = len(split.train) > params.large_rows
@@ -409,14 +409,7 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
 
 def predict_keras(fitted: FittedModel, data: TrainingData, batch_size: int = 1024) -> np.ndarray:
     """Class probabilities (n, K) from the Keras model, columns in ``fitted.labels`` order."""
-    feeds = fusion_inputs(
-        fitted.vocabulary,
-        data.texts,
-        data.text_emb,
-        data.image_emb,
-        data.image_present,
-        data.names,
-    )
+    feeds = feeds_of(fitted.vocabulary, data)
     return np.asarray(fitted.model.predict(feeds, batch_size=batch_size, verbose=0))
 
 
@@ -490,14 +483,7 @@ def train(
         class_balanced=params.threshold_class_balanced,
     )
 
-    test_feeds = fusion_inputs(
-        fitted.vocabulary,
-        test.texts,
-        test.text_emb,
-        test.image_emb,
-        test.image_present,
-        test.names,
-    )
+    test_feeds = feeds_of(fitted.vocabulary, test)
     exported = export_artifact(
         fitted,
         test_feeds,
@@ -547,15 +533,7 @@ def train(
         refitted = refit_linear(fitted, data)
         serving = export_artifact(
             refitted,
-            # Fed through the refitted vocabulary: its term ids are its own.
-            fusion_inputs(
-                refitted.vocabulary,
-                test.texts,
-                test.text_emb,
-                test.image_emb,
-                test.image_present,
-                test.names,
-            ),
+            feeds_of(refitted.vocabulary, test),  # its own term ids
             threshold,
             text_packing=params.text_packing,
             encoders=params.encoders,
