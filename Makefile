@@ -29,7 +29,7 @@ format: $(STAMP)
 
 # Rebuilds worker/default_model/ from the shared Best Buy data (see README, "The bundled model").
 default-model: $(STAMP)
-	$(BIN)/python -m training.bundle ../shared/data/bestbuy/products.csv
+	$(BIN)/python -m shelver.training.bundle ../shared/data/bestbuy/products.csv
 
 bench-import: $(STAMP)
 	$(BIN)/python benchmarks/import_pricerunner.py

@@ -41,12 +41,11 @@ from pipeline import (  # noqa: E402
     register_champion,
     wait_terminal,
 )
+from shelver.catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database  # noqa: E402
+from shelver.catalog.migrate import upgrade  # noqa: E402
+from shelver.catalog.settings import sqlalchemy_url  # noqa: E402
+from shelver.worker.encoders import load_encoders  # noqa: E402
 from support import centroid_artifact, training_titles  # noqa: E402
-
-from catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database  # noqa: E402
-from catalog.migrate import upgrade  # noqa: E402
-from catalog.settings import sqlalchemy_url  # noqa: E402
-from worker.encoders import load_encoders  # noqa: E402
 
 
 def start_servers(root: Path) -> tuple[EmbeddedPostgres, EmbeddedRedis]:
@@ -128,7 +127,7 @@ def worker_rss() -> dict:
     found = {}
 
     def is_worker(proc: psutil.Process) -> bool:
-        return "-m worker worker" in " ".join(proc.cmdline() or [])
+        return "-m shelver.worker worker" in " ".join(proc.cmdline() or [])
 
     for proc in psutil.process_iter(["pid", "environ"]):
         if not (proc.info["environ"] or {}).get("SHELVER_BENCH_TAG") or not is_worker(proc):

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
-
-from worker.encoders import (
+from shelver.worker.encoders import (
     Manifest,
     TextEncoder,
     load_image_encoder,
@@ -196,7 +195,7 @@ def main() -> None:
 
     model_dir = args.model_dir
     if model_dir is None or not (model_dir / "manifest.json").exists():
-        from training.encoder_export import export_encoders
+        from shelver.training.encoder_export import export_encoders
 
         model_dir = model_dir or Path(tempfile.mkdtemp(prefix="shelver-bench-"))
         export_encoders(model_dir)

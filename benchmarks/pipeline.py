@@ -38,14 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tests"))  # the small real champion the tests register
 
+from shelver.catalog.embedded import create_database  # noqa: E402
+from shelver.catalog.migrate import upgrade  # noqa: E402
+from shelver.catalog.settings import Settings, libpq_url, sqlalchemy_url  # noqa: E402
+from shelver.worker.encoders import load_encoders, product_text  # noqa: E402
+from shelver.worker.fusion import FusionModel, sha256_hex  # noqa: E402
+from shelver.worker.images import ImageRejected, load_image  # noqa: E402
 from support import centroid_artifact, register_champion, training_titles  # noqa: E402
-
-from catalog.embedded import create_database  # noqa: E402
-from catalog.migrate import upgrade  # noqa: E402
-from catalog.settings import Settings, libpq_url, sqlalchemy_url  # noqa: E402
-from worker.encoders import load_encoders, product_text  # noqa: E402
-from worker.fusion import FusionModel, sha256_hex  # noqa: E402
-from worker.images import ImageRejected, load_image  # noqa: E402
 
 
 def products(n: int, offset: int = 0) -> list[dict]:
@@ -111,7 +110,7 @@ def pipeline(
             )
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "worker", *args],
+                    [sys.executable, "-m", "shelver.worker", *args],
                     env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -247,7 +246,7 @@ def main() -> None:
             time.sleep(1.5)
             started = time.perf_counter()
             backfill = subprocess.run(
-                [sys.executable, "-m", "worker", "backfill", "--stale"],
+                [sys.executable, "-m", "shelver.worker", "backfill", "--stale"],
                 env=env, capture_output=True, text=True, timeout=1800,
             )  # fmt: skip
             elapsed = time.perf_counter() - started

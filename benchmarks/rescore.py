@@ -35,11 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capacity import bench_database, db_counters, reset_statements, start_servers  # noqa: E402
 from capacity import statements as statement_stats  # noqa: E402
 from pipeline import DATA, pipeline, register_champion  # noqa: E402
+from shelver.catalog.embeddings import CachedEmbedding, put  # noqa: E402
+from shelver.worker.encoders import load_encoders, product_text  # noqa: E402
+from shelver.worker.fusion import FusionModel, sha256_hex  # noqa: E402
 from support import centroid_artifact, training_titles  # noqa: E402
-
-from catalog.embeddings import CachedEmbedding, put  # noqa: E402
-from worker.encoders import load_encoders, product_text  # noqa: E402
-from worker.fusion import FusionModel, sha256_hex  # noqa: E402
 
 
 def pricerunner(n: int) -> list[dict]:
@@ -161,7 +160,7 @@ def main() -> None:
                 reset_statements(engine)
                 started = time.perf_counter()
                 result = subprocess.run(
-                    [sys.executable, "-m", "worker", "backfill", "--stale"],
+                    [sys.executable, "-m", "shelver.worker", "backfill", "--stale"],
                     env=env, capture_output=True, text=True, timeout=3600,
                 )  # fmt: skip
                 elapsed = time.perf_counter() - started

@@ -7,11 +7,10 @@ import logging
 from collections.abc import Iterator
 from functools import lru_cache
 
+from shelver.catalog.settings import get_settings
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-
-from catalog.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shelver.catalog.categories import category_ids, ensure_categories
 from sqlalchemy import Engine
-
-from catalog.categories import category_ids, ensure_categories
 
 log = logging.getLogger(__name__)
 

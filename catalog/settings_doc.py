@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from catalog.settings import Settings
+from shelver.catalog.settings import Settings
 
 
 def settings_table() -> str:

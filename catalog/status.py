@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shelver.catalog.models import PRODUCT_STATUSES
 from sqlalchemy import Engine, text
-
-from catalog.models import PRODUCT_STATUSES
 
 
 def catalog_status(engine: Engine) -> dict[str, Any]:

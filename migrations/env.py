@@ -1,10 +1,9 @@
 """Alembic environment: runs migrations online against SHELVER_DATABASE_URL."""
 
 from alembic import context
+from shelver.catalog.models import Base
+from shelver.catalog.settings import get_settings
 from sqlalchemy import create_engine, pool
-
-from catalog.models import Base
-from catalog.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

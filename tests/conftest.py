@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shelver.catalog.settings import reset_settings, sqlalchemy_url
 from sqlalchemy import Engine, create_engine
-
-from catalog.settings import reset_settings, sqlalchemy_url
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -40,7 +39,7 @@ def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> 
 @pytest.fixture(scope="session")
 def services() -> Iterator[tuple[str, str]]:
     """(database URL, broker URL) of real servers, exported to the environment for subprocesses."""
-    from catalog.embedded import create_database, embedded_services
+    from shelver.catalog.embedded import create_database, embedded_services
 
     database_url = os.environ.get("SHELVER_TEST_DATABASE_URL")
     broker_url = os.environ.get("SHELVER_TEST_BROKER_URL")
@@ -70,7 +69,7 @@ def services() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="session")
 def migrated_engine(services: tuple[str, str]) -> Iterator[Engine]:
-    from catalog.migrate import upgrade
+    from shelver.catalog.migrate import upgrade
 
     database_url, _ = services
     engine = create_engine(sqlalchemy_url(database_url), future=True)

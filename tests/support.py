@@ -14,10 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
+from shelver.worker.fusion import build_artifact, sha256_hex
 from sqlalchemy import Engine, text
-
-from worker.encoders import ImageEncoder, TextEncoder, product_text
-from worker.fusion import build_artifact, sha256_hex
 
 CATEGORIES = ("Cell Phones", "Appliances", "Video Games", "Musical Instruments")
 
@@ -27,7 +26,7 @@ def export_or_reuse_encoders(base: Path, shared_data: Path) -> Path:
     reuse = os.environ.get("SHELVER_TEST_MODEL_DIR")
     if reuse and (Path(reuse) / "manifest.json").is_file():
         return Path(reuse)
-    from training.encoder_export import export_encoders
+    from shelver.training.encoder_export import export_encoders
 
     path = base / "encoders"
     if not (path / "manifest.json").is_file():

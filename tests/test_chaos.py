@@ -28,17 +28,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+from shelver.catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
+from shelver.catalog.migrate import upgrade
+from shelver.catalog.settings import sqlalchemy_url
+from shelver.worker.encoders import load_encoders
 from sqlalchemy import Engine, create_engine, text
 from support import centroid_artifact, empty_catalog, insert, scalar, training_titles
 
-from catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
-from catalog.migrate import upgrade
-from catalog.settings import sqlalchemy_url
-from worker.encoders import load_encoders
-
 pytestmark = pytest.mark.slow
 
-SHELVER = [sys.executable, "-m", "worker"]
+SHELVER = [sys.executable, "-m", "shelver.worker"]
 TERMINAL = ("classified", "needs_review", "failed")
 # Long enough to matter: the dispatcher's send retries and the worker's reconnect
 # back-off both run out several times over.
@@ -427,9 +426,8 @@ def test_the_same_batch_delivered_twice_writes_one_history_row_per_product(
 ) -> None:
     import celery
     from kombu import Exchange, Queue
-
-    from catalog.queue import claim_batch
-    from worker.celery_app import CLASSIFY_QUEUE, CLASSIFY_TASK, QUEUES
+    from shelver.catalog.queue import claim_batch
+    from shelver.worker.celery_app import CLASSIFY_QUEUE, CLASSIFY_TASK, QUEUES
 
     engine = stack.engine
     # Two pool processes, so the two copies run at the same time and meet at the row locks.

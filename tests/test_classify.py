@@ -11,6 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from shelver.catalog.db import session_scope
+from shelver.catalog.queue import claim_batch
+from shelver.catalog.settings import Settings
+from shelver.worker.classify import FusionClassifier, classify_products, load_rows, write_results
+from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
+from shelver.worker.runtime import Runtime
 from sqlalchemy import Engine, text
 from support import (
     CATEGORIES,
@@ -19,13 +25,6 @@ from support import (
     register_champion,
     training_titles,
 )
-
-from catalog.db import session_scope
-from catalog.queue import claim_batch
-from catalog.settings import Settings
-from worker.classify import FusionClassifier, classify_products, load_rows, write_results
-from worker.encoders import ImageEncoder, TextEncoder, load_encoders
-from worker.runtime import Runtime
 
 # --- fixtures ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import sys
 def shelver(*args: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SHELVER_")}
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
+        [sys.executable, "-m", "shelver.worker", *args],
         env={**base, **env},
         capture_output=True,
         text=True,

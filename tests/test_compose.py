@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from shelver.worker.cli import app
 from typer.main import get_command
-
-from worker.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def run_demo(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "worker", "demo", "--timeout", "240"],
+        [sys.executable, "-m", "shelver.worker", "demo", "--timeout", "240"],
         env=env,
         cwd=cwd,
         capture_output=True,

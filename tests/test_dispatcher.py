@@ -19,11 +19,10 @@ from contextlib import contextmanager
 
 import pytest
 import redis
+from shelver.catalog.queue import enqueue
+from shelver.worker.celery_app import CLASSIFY_TASK, create_app
+from shelver.worker.dispatcher import DispatchConfig, Dispatcher, celery_sender
 from sqlalchemy import Engine, text
-
-from catalog.queue import enqueue
-from worker.celery_app import CLASSIFY_TASK, create_app
-from worker.dispatcher import DispatchConfig, Dispatcher, celery_sender
 
 
 def sent_batches(broker_url: str, queue: str) -> list[list[int]]:
@@ -211,7 +210,7 @@ def test_the_dispatch_command_stops_cleanly_on_a_signal(
 ) -> None:
     env = {**os.environ, "SHELVER_DATABASE_URL": database_url, "SHELVER_BROKER_URL": broker_url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "dispatch"],
+        [sys.executable, "-m", "shelver.worker", "dispatch"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

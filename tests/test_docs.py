@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from catalog.settings_doc import settings_table
+from shelver.catalog.settings_doc import settings_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,8 @@ def test_readme_settings_table_matches_the_settings_class() -> None:
     block = re.search(r"<!-- settings-table -->\n(.*?)\n<!-- /settings-table -->", readme, re.S)
     assert block, "README.md lost its settings-table markers"
     assert block.group(1) == settings_table(), (
-        "README settings table is stale: regenerate it with `python -m catalog.settings_doc`"
+        "README settings table is stale: regenerate it with "
+        "`python -m shelver.catalog.settings_doc`"
     )
 
 

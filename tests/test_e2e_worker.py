@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from shelver.worker.encoders import load_encoders
 from sqlalchemy import Engine, text
 from support import (
     CATEGORIES,
@@ -29,11 +30,9 @@ from support import (
     training_titles,
 )
 
-from worker.encoders import load_encoders
-
 pytestmark = pytest.mark.slow
 
-SHELVER = [sys.executable, "-m", "worker"]
+SHELVER = [sys.executable, "-m", "shelver.worker"]
 TERMINAL = ("classified", "needs_review", "failed")
 
 

@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from training import encoder_export
-from training.encoder_export import (
+from shelver.training import encoder_export
+from shelver.training.encoder_export import (
     EXPORT_RECIPE,
     ParityError,
     export_efficientnet_lite0,
     export_encoders,
     export_resnet50,
 )
-from worker.encoders import (
+from shelver.worker.encoders import (
     EXPORT_COMMAND,
     EncoderSpec,
     EncoderUnavailable,

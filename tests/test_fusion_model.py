@@ -13,10 +13,9 @@ from io import BytesIO
 
 import numpy as np
 import pytest
-
-from training.evaluate import choose_threshold, evaluate, score
-from training.export import check_parity, to_onnx
-from training.fit import (
+from shelver.training.evaluate import choose_threshold, evaluate, score
+from shelver.training.export import check_parity, to_onnx
+from shelver.training.fit import (
     LinearModel,
     TrainingData,
     TrainParams,
@@ -28,9 +27,15 @@ from training.fit import (
     split_for,
     train,
 )
-from training.model import ModelShape, build_ensemble, build_model
-from worker.fusion import ArtifactRejected, FusionModel, build_artifact, fusion_inputs, sha256_hex
-from worker.lexical import LexicalParams, LexicalVocabulary, analyze, fit_vocabulary
+from shelver.training.model import ModelShape, build_ensemble, build_model
+from shelver.worker.fusion import (
+    ArtifactRejected,
+    FusionModel,
+    build_artifact,
+    fusion_inputs,
+    sha256_hex,
+)
+from shelver.worker.lexical import LexicalParams, LexicalVocabulary, analyze, fit_vocabulary
 
 LABELS = ["Cameras", "Phones", "Washers"]
 WORDS = {

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from catalog.settings import Settings
-from worker.images import ImageRejected, load_image
+from shelver.catalog.settings import Settings
+from shelver.worker.images import ImageRejected, load_image
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shelver.catalog.importer import import_file
 from sqlalchemy import Engine, text
-
-from catalog.importer import import_file
 
 HEADER = b"id,name,description,category,image,source\r\n"
 
@@ -138,7 +137,7 @@ def test_bestbuy_products_json(engine: Engine, tmp_path: Path) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
+        [sys.executable, "-m", "shelver.worker", *args],
         capture_output=True,
         text=True,
         env=os.environ.copy(),

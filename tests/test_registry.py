@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from shelver.training import registry
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
-
-from training import registry
 
 
 def add(engine: Engine, version: str, macro_f1: float = 0.9) -> registry.ModelRecord:

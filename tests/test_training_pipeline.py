@@ -16,13 +16,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from shelver.catalog.importer import import_file
 from sqlalchemy import Engine, text
-
-from catalog.importer import import_file
 
 pytestmark = pytest.mark.slow
 
-SHELVER = [sys.executable, "-m", "worker"]
+SHELVER = [sys.executable, "-m", "shelver.worker"]
 
 
 def flipkart_rows(shared_data: Path) -> dict[str, list[dict[str, str]]]:

@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shelver.training import registry
+from shelver.worker.fusion import ArtifactRejected, sha256_hex
 from sqlalchemy import Engine
-
-from training import registry
-from worker.fusion import ArtifactRejected, sha256_hex
 
 BUNDLE_DIR = Path(__file__).resolve().parent.parent / "worker" / "default_model"
 ARTIFACT = "fusion.zip"
@@ -86,19 +85,19 @@ def build_default_model(data: Path, target: Path = BUNDLE_DIR) -> Path:
     """
     import tempfile
 
-    from catalog.db import engine_for
-    from catalog.embedded import create_database, embedded_services
-    from catalog.importer import import_file
-    from catalog.migrate import upgrade
-    from catalog.settings import get_settings, sqlalchemy_url
-    from training.pipeline import train_and_register
-    from worker.encoders import EncoderUnavailable, load_encoders
+    from shelver.catalog.db import engine_for
+    from shelver.catalog.embedded import create_database, embedded_services
+    from shelver.catalog.importer import import_file
+    from shelver.catalog.migrate import upgrade
+    from shelver.catalog.settings import get_settings, sqlalchemy_url
+    from shelver.training.pipeline import train_and_register
+    from shelver.worker.encoders import EncoderUnavailable, load_encoders
 
     settings = get_settings()
     try:
         load_encoders(settings.model_dir)
     except EncoderUnavailable:
-        from training.encoder_export import export_encoders
+        from shelver.training.encoder_export import export_encoders
 
         export_encoders(settings.model_dir)
     with (

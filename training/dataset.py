@@ -11,14 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from shelver.catalog import embeddings
+from shelver.catalog.settings import Settings
+from shelver.training.fit import TrainingData
+from shelver.training.splits import title_prefix_groups
+from shelver.worker.encoders import ImageEncoder, TextEncoder
+from shelver.worker.featurize import ProductInput, embed_products
 from sqlalchemy import Engine, text
-
-from catalog import embeddings
-from catalog.settings import Settings
-from training.fit import TrainingData
-from training.splits import title_prefix_groups
-from worker.encoders import ImageEncoder, TextEncoder
-from worker.featurize import ProductInput, embed_products
 
 log = logging.getLogger(__name__)
 

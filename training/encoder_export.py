@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from worker.encoders import (
+from shelver.worker.encoders import (
     MANIFEST_NAME,
     EncoderSpec,
     ImageEncoder,
@@ -88,7 +87,7 @@ def default_sample_dir() -> Path | None:
 
 def load_samples(sample_dir: Path | None, n_texts: int = 48, n_images: int = 12) -> Samples:
     """Titles (with descriptions, so some exceed 256 tokens) and photos from every dataset."""
-    from worker.encoders import product_text
+    from shelver.worker.encoders import product_text
 
     texts: list[str] = []
     images: list[Image.Image] = []

@@ -22,8 +22,8 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 if TYPE_CHECKING:
-    from training.fit import TrainingData
-    from worker.fusion import FusionModel
+    from shelver.training.fit import TrainingData
+    from shelver.worker.fusion import FusionModel
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from training.splits import Split, stratified_split
-from worker.fusion import fusion_inputs
-from worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
+from shelver.training.splits import Split, stratified_split
+from shelver.worker.fusion import fusion_inputs
+from shelver.worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +269,7 @@ def fit_model(
     ``on_epoch(done, most)`` is called after each epoch (for progress bars).
     """
     import keras
-
-    from training.model import ModelShape, build_ensemble, build_model
+    from shelver.training.model import ModelShape, build_ensemble, build_model
 
     started = time.perf_counter()
     _seed_everything(params.seed)
@@ -382,7 +380,7 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
     know) unless the network reads it. The network, the share and the threshold
     stay as evaluated.
     """
-    from training.model import build_ensemble
+    from shelver.training.model import build_ensemble
 
     if fitted.linear_estimator is None or fitted.vocabulary is None:
         raise ValueError("this model has no linear part to refit")
@@ -459,10 +457,10 @@ def train(
     """
     import json
 
-    from training.baseline import fit_baseline
-    from training.evaluate import choose_threshold, evaluate
-    from training.export import export_artifact
-    from worker.fusion import FusionModel
+    from shelver.training.baseline import fit_baseline
+    from shelver.training.evaluate import choose_threshold, evaluate
+    from shelver.training.export import export_artifact
+    from shelver.worker.fusion import FusionModel
 
     params = params or TrainParams()
     split = split_for(data, params)

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from shelver.catalog.importer import ImportReport, ProductRow, read_products, valid_rows
+from shelver.catalog.settings import Settings
+from shelver.training.evaluate import evaluate
+from shelver.worker.encoders import load_encoders
+from shelver.worker.featurize import ProductInput, embed_products
+from shelver.worker.fusion import FusionModel
 from sqlalchemy import Engine
-
-from catalog.importer import ImportReport, ProductRow, read_products, valid_rows
-from catalog.settings import Settings
-from training.evaluate import evaluate
-from worker.encoders import load_encoders
-from worker.featurize import ProductInput, embed_products
-from worker.fusion import FusionModel
 
 
 def score_predictions(
@@ -75,7 +74,7 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
 
 
 def champion_model(engine: Engine) -> tuple[Any, FusionModel]:
-    from training import registry
+    from shelver.training import registry
 
     with engine.connect() as conn:
         record = registry.champion(conn)

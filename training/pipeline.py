@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from shelver.catalog.settings import Settings
+from shelver.training import registry
+from shelver.training.dataset import load_labeled_set
+from shelver.training.fit import TrainParams, train
+from shelver.training.holdout import score_model
+from shelver.worker.encoders import load_encoders
+from shelver.worker.fusion import FusionModel
 from sqlalchemy import Engine, text
-
-from catalog.settings import Settings
-from training import registry
-from training.dataset import load_labeled_set
-from training.fit import TrainParams, train
-from training.holdout import score_model
-from worker.encoders import load_encoders
-from worker.fusion import FusionModel
 
 log = logging.getLogger(__name__)
 

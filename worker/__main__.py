@@ -1,5 +1,5 @@
-"""``python -m worker`` runs the ``shelver`` command line."""
+"""``python -m shelver.worker`` runs the ``shelver`` command line."""
 
-from worker.cli import main
+from shelver.worker.cli import main
 
 main()

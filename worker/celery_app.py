@@ -14,9 +14,8 @@ from typing import Any
 
 import celery
 from kombu import Exchange, Queue
-
-from catalog.db import is_transient, session_scope
-from catalog.settings import get_settings
+from shelver.catalog.db import is_transient, session_scope
+from shelver.catalog.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class ShelverTask(celery.Task):
         return None
 
     def _give_back(self, product_ids: list[int], error: str) -> None:
-        from catalog.queue import retry_later
+        from shelver.catalog.queue import retry_later
 
         try:
             with session_scope() as session:
@@ -155,7 +154,7 @@ class ShelverTask(celery.Task):
 
 
 def create_app() -> celery.Celery:
-    app = celery.Celery("shelver", task_cls=ShelverTask, include=["worker.tasks"])
+    app = celery.Celery("shelver", task_cls=ShelverTask, include=["shelver.worker.tasks"])
     # A callable default is evaluated when the configuration is first read, so
     # importing this module needs no broker URL (tests, `shelver --help`).
     app.add_defaults(celery_config)

@@ -17,8 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from catalog.settings import SettingsError, get_settings
+from shelver.catalog.settings import SettingsError, get_settings
 
 app = typer.Typer(
     help="Shelver keeps a product catalog categorized by itself.",
@@ -53,10 +52,9 @@ def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from shelver.catalog.db import DatabaseNotAvailableError
+    from shelver.worker.encoders import EncoderUnavailable
     from sqlalchemy.exc import OperationalError
-
-    from catalog.db import DatabaseNotAvailableError
-    from worker.encoders import EncoderUnavailable
 
     try:
         app()
@@ -76,8 +74,8 @@ def main() -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the catalog schema (tables, trigger, queue) to the latest version."""
-    from catalog.db import check_connection, get_engine
-    from catalog.migrate import upgrade
+    from shelver.catalog.db import check_connection, get_engine
+    from shelver.catalog.migrate import upgrade
 
     settings = get_settings()
     check_connection(get_engine())
@@ -96,8 +94,8 @@ def import_products(
 
     Exits 1 when any row was rejected (the good rows are imported all the same).
     """
-    from catalog.db import get_engine
-    from catalog.importer import ImportFormatError, import_file
+    from shelver.catalog.db import get_engine
+    from shelver.catalog.importer import ImportFormatError, import_file
 
     try:
         report = import_file(get_engine(), path, labeled=not unlabeled, progress=True)
@@ -118,8 +116,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Products by status, queue depth, age of the oldest pending row, and the champion model."""
-    from catalog.db import get_engine
-    from catalog.status import catalog_status
+    from shelver.catalog.db import get_engine
+    from shelver.catalog.status import catalog_status
 
     report = catalog_status(get_engine())
     if as_json:
@@ -181,8 +179,8 @@ def dispatch(
     Run as many as you like; they never hand out the same product twice under a live lease.
     """
     _log_progress()
-    from catalog.db import check_connection, get_engine
-    from worker.dispatcher import DispatchConfig, Dispatcher, celery_sender
+    from shelver.catalog.db import check_connection, get_engine
+    from shelver.worker.dispatcher import DispatchConfig, Dispatcher, celery_sender
 
     settings = get_settings()
     settings.require_broker_url()
@@ -220,8 +218,8 @@ def run_worker(
     """Run a Celery worker: encoders and the champion load once per process."""
     import os
 
-    from worker.encoders import EncoderUnavailable
-    from worker.runtime import check_encoders
+    from shelver.worker.encoders import EncoderUnavailable
+    from shelver.worker.runtime import check_encoders
 
     settings = get_settings()
     settings.require_broker_url()
@@ -240,7 +238,7 @@ def run_worker(
     concurrency = concurrency or os.cpu_count() or 1
     per_process = threads or max(1, (os.cpu_count() or 1) // concurrency)
     os.environ["SHELVER_ORT_THREADS"] = str(per_process)
-    from worker.celery_app import app as celery_app
+    from shelver.worker.celery_app import app as celery_app
 
     celery_app.worker_main(
         [
@@ -264,7 +262,7 @@ def encoders_export(
 ) -> None:
     """Build the ONNX encoders from weights shipped in pip packages (needs the `export` extra)."""
     try:
-        from training.encoder_export import describe, export_encoders
+        from shelver.training.encoder_export import describe, export_encoders
     except ImportError as exc:
         raise UserError(
             f"encoder export needs the export extra ({exc.name} is missing): "
@@ -294,9 +292,8 @@ def train_command(
     if promote not in ("auto", "never", "force"):
         raise UserError(f"--promote must be auto, never or force, not {promote!r}")
     from rich.progress import Progress
-
-    from catalog.db import get_engine
-    from training.pipeline import train_and_register
+    from shelver.catalog.db import get_engine
+    from shelver.training.pipeline import train_and_register
 
     with Progress(console=err_console, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -346,8 +343,8 @@ def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Every registered model with its status and test figures."""
-    from catalog.db import get_engine
-    from training import registry
+    from shelver.catalog.db import get_engine
+    from shelver.training import registry
 
     with get_engine().connect() as conn:
         models = registry.list_models(conn)
@@ -386,8 +383,8 @@ def _model_json(m) -> dict:
 @models_app.command("show")
 def models_show(version: Annotated[str, typer.Argument(help="e.g. v3")]) -> None:
     """Everything recorded about one model, as JSON."""
-    from catalog.db import get_engine
-    from training import registry
+    from shelver.catalog.db import get_engine
+    from shelver.training import registry
 
     with get_engine().connect() as conn:
         try:
@@ -400,8 +397,8 @@ def models_show(version: Annotated[str, typer.Argument(help="e.g. v3")]) -> None
 @models_app.command("promote")
 def models_promote(version: Annotated[str, typer.Argument(help="e.g. v3")]) -> None:
     """Make VERSION the champion by hand; workers switch to it within seconds."""
-    from catalog.db import get_engine
-    from training import registry
+    from shelver.catalog.db import get_engine
+    from shelver.training import registry
 
     with get_engine().begin() as conn:
         try:
@@ -414,8 +411,8 @@ def models_promote(version: Annotated[str, typer.Argument(help="e.g. v3")]) -> N
 @models_app.command("rollback")
 def models_rollback() -> None:
     """Put the previous champion back; the current one is marked rejected."""
-    from catalog.db import get_engine
-    from training import registry
+    from shelver.catalog.db import get_engine
+    from shelver.training import registry
 
     with get_engine().begin() as conn:
         try:
@@ -431,9 +428,9 @@ def evaluate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Score the champion on a labeled file without inserting its rows into the catalog."""
-    from catalog.db import get_engine
-    from catalog.importer import ImportFormatError
-    from training.holdout import champion_model, evaluate_file
+    from shelver.catalog.db import get_engine
+    from shelver.catalog.importer import ImportFormatError
+    from shelver.training.holdout import champion_model, evaluate_file
 
     try:
         record, model = champion_model(get_engine())
@@ -494,9 +491,8 @@ def backfill(
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from catalog.db import get_engine
-    from worker import backfill as bf
+    from shelver.catalog.db import get_engine
+    from shelver.worker import backfill as bf
 
     engine = get_engine()
     filters = unclassified or stale or category is not None or since is not None
@@ -561,9 +557,8 @@ def beat(
     """At SHELVER_RETRAIN_CRON times, queue retraining when enough new labels arrived."""
     _log_progress()
     from croniter import croniter
-
-    from catalog.db import get_engine
-    from worker.schedule import run_beat, send_retrain, tick
+    from shelver.catalog.db import get_engine
+    from shelver.worker.schedule import run_beat, send_retrain, tick
 
     settings = get_settings()
     settings.require_broker_url()
@@ -587,8 +582,8 @@ def label(
     ] = False,
 ) -> None:
     """Apply labels from a CSV; unknown SKUs and categories are reported per line (exit 1)."""
-    from catalog.db import get_engine
-    from worker.labels import LabelFileError, apply_label_file
+    from shelver.catalog.db import get_engine
+    from shelver.worker.labels import LabelFileError, apply_label_file
 
     try:
         report = apply_label_file(get_engine(), path, create_categories=create_categories)
@@ -614,8 +609,8 @@ def review(
     ] = None,
 ) -> None:
     """List products waiting for review, least confident first, or record verdicts with --set."""
-    from catalog.db import get_engine
-    from worker.labels import ReviewError, needs_review, record_review
+    from shelver.catalog.db import get_engine
+    from shelver.worker.labels import ReviewError, needs_review, record_review
 
     engine = get_engine()
     if corrections:
@@ -665,11 +660,10 @@ def demo(
     PostgreSQL and Valkey and stops them at the end.
     """
     from rich.live import Live
-
-    from catalog.db import engine_for
-    from catalog.migrate import upgrade
-    from catalog.settings import sqlalchemy_url
-    from worker import demo as steps
+    from shelver.catalog.db import engine_for
+    from shelver.catalog.migrate import upgrade
+    from shelver.catalog.settings import sqlalchemy_url
+    from shelver.worker import demo as steps
 
     settings = get_settings()
     if data is not None and not data.exists():
@@ -681,15 +675,15 @@ def demo(
         console.print("[bold]2.[/bold] catalog schema migrated (tables, trigger, queue)")
         if not steps.encoders_ready(settings.model_dir):
             console.print("    exporting the encoders to ONNX, once (about a minute)")
-            from training.encoder_export import export_encoders
+            from shelver.training.encoder_export import export_encoders
 
             export_encoders(settings.model_dir)
         console.print(f"[bold]3.[/bold] encoders ready in {settings.model_dir}")
         engine = engine_for(sqlalchemy_url(database_url))
         image_root = data.resolve().parent if data is not None else None
         if data is not None:
-            from catalog.importer import import_file
-            from training.pipeline import train_and_register
+            from shelver.catalog.importer import import_file
+            from shelver.training.pipeline import train_and_register
 
             report = import_file(engine, data, progress=True)
             console.print(f"    imported {report.inserted + report.updated} rows from {data}")
@@ -700,7 +694,7 @@ def demo(
             console.print(f"[bold]4.[/bold] trained {outcome.model.version} on {data}; champion")
             _print_training(outcome)
         else:
-            from training.bundle import register_bundled
+            from shelver.training.bundle import register_bundled
 
             record = register_bundled(engine)
             console.print(

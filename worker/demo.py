@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
-
-from catalog.embedded import create_database, embedded_services
-from catalog.settings import Settings, libpq_url
+from shelver.catalog.embedded import create_database, embedded_services
+from shelver.catalog.settings import Settings, libpq_url
 
 DEMO_PRODUCTS = Path(__file__).resolve().parent / "demo_data" / "products.csv"
 DEMO_SKU_PREFIX = "demo-"
@@ -44,7 +43,7 @@ def services(settings: Settings) -> Iterator[tuple[str, str, bool]]:
 
 
 def encoders_ready(model_dir: Path) -> bool:
-    from worker.encoders import EncoderUnavailable, load_encoders
+    from shelver.worker.encoders import EncoderUnavailable, load_encoders
 
     try:
         load_encoders(model_dir)
@@ -82,7 +81,7 @@ def event_path(env: dict[str, str], log_dir: Path) -> Iterator[RunningProcesses]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "demo-processes.log"
     with open(log_path, "w") as log:
-        command = [sys.executable, "-m", "worker"]
+        command = [sys.executable, "-m", "shelver.worker"]
         dispatcher = subprocess.Popen(
             [*command, "dispatch"], env=env, stdout=log, stderr=subprocess.STDOUT
         )

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.extensions
+from shelver.catalog import queue
+from shelver.catalog.settings import Settings, libpq_url
+from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_QUEUE
 from sqlalchemy import Engine, text
-
-from catalog import queue
-from catalog.settings import Settings, libpq_url
-from worker.celery_app import BACKFILL_QUEUE, CLASSIFY_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class Lane:
 
 def celery_sender() -> Sender:
     """Send through the Celery app's producer pool, by task name (no task code imported)."""
-    from worker.celery_app import CLASSIFY_TASK, app
+    from shelver.worker.celery_app import CLASSIFY_TASK, app
 
     def send(celery_queue: str, product_ids: list[int]) -> None:
         app.send_task(CLASSIFY_TASK, kwargs={"product_ids": product_ids}, queue=celery_queue)
@@ -295,6 +294,6 @@ class Dispatcher:
 
 
 def _is_db_outage(exc: BaseException) -> bool:
-    from catalog.db import is_transient
+    from shelver.catalog.db import is_transient
 
     return is_transient(exc)

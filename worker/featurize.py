@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from catalog.embeddings import CachedEmbedding, Executor, get_cached
-from worker.encoders import ImageEncoder, TextEncoder, product_text
-from worker.images import ImageRejected, ImageSettings, load_image
+from shelver.catalog.embeddings import CachedEmbedding, Executor, get_cached
+from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
+from shelver.worker.images import ImageRejected, ImageSettings, load_image
 
 log = logging.getLogger(__name__)
 

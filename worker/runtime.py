@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shelver.catalog.settings import Settings
+from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
+from shelver.worker.fusion import ArtifactRejected, FusionModel
 from sqlalchemy import Engine, text
-
-from catalog.settings import Settings
-from worker.encoders import ImageEncoder, TextEncoder, load_encoders
-from worker.fusion import ArtifactRejected, FusionModel
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +183,8 @@ def get_runtime() -> Runtime:
     if _runtime is None:
         with _runtime_lock:
             if _runtime is None:
-                from catalog.db import get_engine
-                from catalog.settings import get_settings
+                from shelver.catalog.db import get_engine
+                from shelver.catalog.settings import get_settings
 
                 _runtime = Runtime.load(get_engine(), get_settings())
     return _runtime
@@ -197,7 +196,7 @@ def check_encoders(model_dir: Path) -> None:
     Reads and hashes the files without creating onnxruntime sessions, so a
     prefork parent can check before forking and leave loading to its children.
     """
-    from worker.encoders import Manifest, TextPreprocessing, verify_file
+    from shelver.worker.encoders import Manifest, TextPreprocessing, verify_file
 
     manifest = Manifest.read(model_dir)
     for name in (manifest.default_text, manifest.default_image):

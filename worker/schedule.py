@@ -61,7 +61,7 @@ def decide(engine: Engine, min_new_labels: int) -> RetrainDecision:
 
 
 def send_retrain() -> None:
-    from worker.celery_app import RETRAIN_TASK, TRAINING_QUEUE, app
+    from shelver.worker.celery_app import RETRAIN_TASK, TRAINING_QUEUE, app
 
     app.send_task(RETRAIN_TASK, queue=TRAINING_QUEUE)
 

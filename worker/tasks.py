@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 
 from celery.signals import worker_process_init
+from shelver.catalog.settings import get_settings
+from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_TASK, RETRAIN_TASK, app
+from shelver.worker.classify import FusionClassifier, classify_products
+from shelver.worker.runtime import get_runtime
 from sqlalchemy.orm import Session
-
-from catalog.settings import get_settings
-from worker.celery_app import BACKFILL_QUEUE, CLASSIFY_TASK, RETRAIN_TASK, app
-from worker.classify import FusionClassifier, classify_products
-from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +17,7 @@ log = logging.getLogger(__name__)
 @worker_process_init.connect
 def _warm_up(**_: object) -> None:
     """Load encoders and the champion when a pool process starts, not on its first batch."""
-    from catalog.db import get_engine
+    from shelver.catalog.db import get_engine
 
     # Connections inherited from the parent over fork() would be shared by two
     # processes; drop them (without closing the parent's sockets).
@@ -62,8 +61,8 @@ def retrain(self) -> None:  # noqa: ANN001
     Only the training worker has TensorFlow, so the training code is imported
     here and nowhere else in the worker package.
     """
-    from catalog.db import get_engine
-    from training.pipeline import train_and_register
+    from shelver.catalog.db import get_engine
+    from shelver.training.pipeline import train_and_register
 
     outcome = train_and_register(get_engine(), get_settings(), promote="auto")
     log.info(
