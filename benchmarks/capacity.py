@@ -41,11 +41,12 @@ from pipeline import (  # noqa: E402
     register_champion,
     wait_terminal,
 )
+from support import centroid_artifact, training_titles  # noqa: E402
+
 from shelver.catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database  # noqa: E402
 from shelver.catalog.migrate import upgrade  # noqa: E402
 from shelver.catalog.settings import sqlalchemy_url  # noqa: E402
 from shelver.worker.encoders import load_encoders  # noqa: E402
-from support import centroid_artifact, training_titles  # noqa: E402
 
 
 def start_servers(root: Path) -> tuple[EmbeddedPostgres, EmbeddedRedis]:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from sklearn.metrics import f1_score
+from train_recipes import heldout_split, load
+
 from shelver.training.baseline import fit_baseline
 from shelver.training.fit import TrainParams, train
 from shelver.training.splits import title_prefix_groups
 from shelver.worker.fusion import FusionModel
-from sklearn.metrics import f1_score
-from train_recipes import heldout_split, load
 
 
 def macro_f1(truth: list[str], labels: list[str], probs: np.ndarray) -> float:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+
 from shelver.worker.encoders import (
     Manifest,
     TextEncoder,

@@ -12,11 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from sqlalchemy import create_engine, text
+
 from shelver.catalog.embedded import create_database, embedded_services
 from shelver.catalog.importer import import_file
 from shelver.catalog.migrate import upgrade
 from shelver.catalog.settings import sqlalchemy_url
-from sqlalchemy import create_engine, text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pricerunner" / "products.csv"
 

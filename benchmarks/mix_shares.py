@@ -14,10 +14,11 @@ import argparse
 import dataclasses
 
 import numpy as np
-from shelver.training.fit import TrainParams, fit_linear, fit_model, lexical_matrix, predict_keras
-from shelver.worker.lexical import fit_vocabulary
 from sklearn.metrics import f1_score
 from train_recipes import heldout_split, load
+
+from shelver.training.fit import TrainParams, fit_linear, fit_model, lexical_matrix, predict_keras
+from shelver.worker.lexical import fit_vocabulary
 
 SHARES = [k / 10 for k in range(11)]
 

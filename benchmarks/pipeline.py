@@ -38,13 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tests"))  # the small real champion the tests register
 
+from support import centroid_artifact, register_champion, training_titles  # noqa: E402
+
 from shelver.catalog.embedded import create_database  # noqa: E402
 from shelver.catalog.migrate import upgrade  # noqa: E402
 from shelver.catalog.settings import Settings, libpq_url, sqlalchemy_url  # noqa: E402
 from shelver.worker.encoders import load_encoders, product_text  # noqa: E402
 from shelver.worker.fusion import FusionModel, sha256_hex  # noqa: E402
 from shelver.worker.images import ImageRejected, load_image  # noqa: E402
-from support import centroid_artifact, register_champion, training_titles  # noqa: E402
 
 
 def products(n: int, offset: int = 0) -> list[dict]:

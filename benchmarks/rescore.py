@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capacity import bench_database, db_counters, reset_statements, start_servers  # noqa: E402
 from capacity import statements as statement_stats  # noqa: E402
 from pipeline import DATA, pipeline, register_champion  # noqa: E402
+from support import centroid_artifact, training_titles  # noqa: E402
+
 from shelver.catalog.embeddings import CachedEmbedding, put  # noqa: E402
 from shelver.worker.encoders import load_encoders, product_text  # noqa: E402
 from shelver.worker.fusion import FusionModel, sha256_hex  # noqa: E402
-from support import centroid_artifact, training_titles  # noqa: E402
 
 
 def pricerunner(n: int) -> list[dict]:

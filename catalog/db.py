@@ -7,10 +7,11 @@ import logging
 from collections.abc import Iterator
 from functools import lru_cache
 
-from shelver.catalog.settings import get_settings
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from shelver.catalog.settings import get_settings
 
 log = logging.getLogger(__name__)
 

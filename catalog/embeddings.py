@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from shelver.catalog.models import Embedding
 from sqlalchemy import Connection, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
+
+from shelver.catalog.models import Embedding
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shelver.catalog.categories import category_ids, ensure_categories
 from sqlalchemy import Engine
+
+from shelver.catalog.categories import category_ids, ensure_categories
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shelver.catalog.models import PRODUCT_STATUSES
 from sqlalchemy import Engine, text
+
+from shelver.catalog.models import PRODUCT_STATUSES
 
 
 def catalog_status(engine: Engine) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Alembic environment: runs migrations online against SHELVER_DATABASE_URL."""
 
 from alembic import context
+from sqlalchemy import create_engine, pool
+
 from shelver.catalog.models import Base
 from shelver.catalog.settings import get_settings
-from sqlalchemy import create_engine, pool
 
 config = context.config
 target_metadata = Base.metadata

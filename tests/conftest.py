@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from shelver.catalog.settings import reset_settings, sqlalchemy_url
 from sqlalchemy import Engine, create_engine
+
+from shelver.catalog.settings import reset_settings, sqlalchemy_url
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -14,9 +14,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import Engine, text
+
 from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
 from shelver.worker.fusion import build_artifact, sha256_hex
-from sqlalchemy import Engine, text
 
 CATEGORIES = ("Cell Phones", "Appliances", "Video Games", "Musical Instruments")
 

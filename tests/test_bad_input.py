@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from shelver.worker.encoders import load_encoders
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from support import (
@@ -28,6 +27,8 @@ from support import (
     training_titles,
 )
 from test_chaos import SHELVER, Procs, drained, insert, scalar, wait_until
+
+from shelver.worker.encoders import load_encoders
 
 pytestmark = pytest.mark.slow
 

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy import Engine, create_engine, text
+from support import centroid_artifact, empty_catalog, insert, scalar, training_titles
+
 from shelver.catalog.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
 from shelver.catalog.migrate import upgrade
 from shelver.catalog.settings import sqlalchemy_url
 from shelver.worker.encoders import load_encoders
-from sqlalchemy import Engine, create_engine, text
-from support import centroid_artifact, empty_catalog, insert, scalar, training_titles
 
 pytestmark = pytest.mark.slow
 
@@ -426,6 +427,7 @@ def test_the_same_batch_delivered_twice_writes_one_history_row_per_product(
 ) -> None:
     import celery
     from kombu import Exchange, Queue
+
     from shelver.catalog.queue import claim_batch
     from shelver.worker.celery_app import CLASSIFY_QUEUE, CLASSIFY_TASK, QUEUES
 

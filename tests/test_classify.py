@@ -11,12 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from shelver.catalog.db import session_scope
-from shelver.catalog.queue import claim_batch
-from shelver.catalog.settings import Settings
-from shelver.worker.classify import FusionClassifier, classify_products, load_rows, write_results
-from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
-from shelver.worker.runtime import Runtime
 from sqlalchemy import Engine, text
 from support import (
     CATEGORIES,
@@ -25,6 +19,13 @@ from support import (
     register_champion,
     training_titles,
 )
+
+from shelver.catalog.db import session_scope
+from shelver.catalog.queue import claim_batch
+from shelver.catalog.settings import Settings
+from shelver.worker.classify import FusionClassifier, classify_products, load_rows, write_results
+from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
+from shelver.worker.runtime import Runtime
 
 # --- fixtures ---------------------------------------------------------------------------------
 

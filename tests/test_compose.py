@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from shelver.worker.cli import app
 from typer.main import get_command
+
+from shelver.worker.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 

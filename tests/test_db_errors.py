@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from shelver.catalog.db import is_transient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
+
+from shelver.catalog.db import is_transient
 
 
 def error_of(engine: Engine, sql: str) -> DBAPIError:

@@ -19,10 +19,11 @@ from contextlib import contextmanager
 
 import pytest
 import redis
+from sqlalchemy import Engine, text
+
 from shelver.catalog.queue import enqueue
 from shelver.worker.celery_app import CLASSIFY_TASK, create_app
 from shelver.worker.dispatcher import DispatchConfig, Dispatcher, celery_sender
-from sqlalchemy import Engine, text
 
 
 def sent_batches(broker_url: str, queue: str) -> list[list[int]]:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from shelver.worker.encoders import load_encoders
 from sqlalchemy import Engine, text
 from support import (
     CATEGORIES,
@@ -29,6 +28,8 @@ from support import (
     scalar,
     training_titles,
 )
+
+from shelver.worker.encoders import load_encoders
 
 pytestmark = pytest.mark.slow
 

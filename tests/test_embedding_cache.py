@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy import Connection, Engine, text
+
 from shelver.catalog.db import session_scope
 from shelver.catalog.embeddings import CachedEmbedding, delete_stale, get_cached, put
-from sqlalchemy import Connection, Engine, text
 
 TEXT = "all-MiniLM-L6-v2:7b3ae2cebf5dd09a"
 OTHER_EXPORT = "all-MiniLM-L6-v2:0123456789abcdef"

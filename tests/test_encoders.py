@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from shelver.training import encoder_export
 from shelver.training.encoder_export import (
     EXPORT_RECIPE,

@@ -13,6 +13,7 @@ from io import BytesIO
 
 import numpy as np
 import pytest
+
 from shelver.training.evaluate import choose_threshold, evaluate, score
 from shelver.training.export import check_parity, to_onnx
 from shelver.training.fit import (

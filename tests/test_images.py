@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from shelver.catalog.settings import Settings
 from shelver.worker.images import ImageRejected, load_image
 

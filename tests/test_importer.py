@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shelver.catalog.importer import import_file
 from sqlalchemy import Engine, text
+
+from shelver.catalog.importer import import_file
 
 HEADER = b"id,name,description,category,image,source\r\n"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from shelver.catalog import queue
 from sqlalchemy import Engine, text
+
+from shelver.catalog import queue
 
 
 def insert_products(engine: Engine, n: int) -> list[int]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from shelver.training import registry
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
+
+from shelver.training import registry
 
 
 def add(engine: Engine, version: str, macro_f1: float = 0.9) -> registry.ModelRecord:

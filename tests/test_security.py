@@ -25,8 +25,6 @@ import psutil
 import psycopg2
 import pytest
 from PIL import Image
-from shelver.catalog.settings import Settings, sqlalchemy_url
-from shelver.worker.encoders import load_encoders
 from sqlalchemy import Engine, create_engine, text
 from support import (
     CATEGORIES,
@@ -45,6 +43,9 @@ from test_chaos import (
     scalar,
     wait_until,
 )
+
+from shelver.catalog.settings import Settings, sqlalchemy_url
+from shelver.worker.encoders import load_encoders
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from shelver.catalog.importer import import_file
 from sqlalchemy import Engine, text
+
+from shelver.catalog.importer import import_file
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine
+
 from shelver.training import registry
 from shelver.worker.fusion import ArtifactRejected, sha256_hex
-from sqlalchemy import Engine
 
 BUNDLE_DIR = Path(__file__).resolve().parent.parent / "worker" / "default_model"
 ARTIFACT = "fusion.zip"

@@ -11,13 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy import Engine, text
+
 from shelver.catalog import embeddings
 from shelver.catalog.settings import Settings
 from shelver.training.fit import TrainingData
 from shelver.training.splits import title_prefix_groups
 from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.featurize import ProductInput, embed_products
-from sqlalchemy import Engine, text
 
 log = logging.getLogger(__name__)
 

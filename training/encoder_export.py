@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from shelver.worker.encoders import (
     MANIFEST_NAME,
     EncoderSpec,

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+
 from shelver.worker.fusion import build_artifact, sha256_hex
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from shelver.training.splits import Split, stratified_split
 from shelver.worker.fusion import fusion_inputs
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
@@ -269,6 +270,7 @@ def fit_model(
     ``on_epoch(done, most)`` is called after each epoch (for progress bars).
     """
     import keras
+
     from shelver.training.model import ModelShape, build_ensemble, build_model
 
     started = time.perf_counter()

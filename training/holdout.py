@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import Engine
+
 from shelver.catalog.importer import ImportReport, ProductRow, read_products, valid_rows
 from shelver.catalog.settings import Settings
 from shelver.training.evaluate import evaluate
 from shelver.worker.encoders import load_encoders
 from shelver.worker.featurize import ProductInput, embed_products
 from shelver.worker.fusion import FusionModel
-from sqlalchemy import Engine
 
 
 def score_predictions(

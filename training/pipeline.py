@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sqlalchemy import Engine, text
+
 from shelver.catalog.settings import Settings
 from shelver.training import registry
 from shelver.training.dataset import load_labeled_set
@@ -20,7 +22,6 @@ from shelver.training.fit import TrainParams, train
 from shelver.training.holdout import score_model
 from shelver.worker.encoders import load_encoders
 from shelver.worker.fusion import FusionModel
-from sqlalchemy import Engine, text
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import date
 
-from shelver.catalog.queue import NOTIFY_CHANNEL
 from sqlalchemy import Engine, text
+
+from shelver.catalog.queue import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 

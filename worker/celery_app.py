@@ -14,6 +14,7 @@ from typing import Any
 
 import celery
 from kombu import Exchange, Queue
+
 from shelver.catalog.db import is_transient, session_scope
 from shelver.catalog.settings import get_settings
 

@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
 from shelver.catalog import embeddings as cache
 from shelver.catalog import queue
 from shelver.catalog.categories import category_ids, ensure_categories
 from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
 from shelver.worker.featurize import ProductInput, embed_products
 from shelver.worker.images import ImageSettings
-from sqlalchemy import text
-from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 

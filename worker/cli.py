@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
 from shelver.catalog.settings import SettingsError, get_settings
 
 app = typer.Typer(
@@ -52,9 +53,10 @@ def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from sqlalchemy.exc import OperationalError
+
     from shelver.catalog.db import DatabaseNotAvailableError
     from shelver.worker.encoders import EncoderUnavailable
-    from sqlalchemy.exc import OperationalError
 
     try:
         app()
@@ -292,6 +294,7 @@ def train_command(
     if promote not in ("auto", "never", "force"):
         raise UserError(f"--promote must be auto, never or force, not {promote!r}")
     from rich.progress import Progress
+
     from shelver.catalog.db import get_engine
     from shelver.training.pipeline import train_and_register
 
@@ -491,6 +494,7 @@ def backfill(
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
     from shelver.catalog.db import get_engine
     from shelver.worker import backfill as bf
 
@@ -557,6 +561,7 @@ def beat(
     """At SHELVER_RETRAIN_CRON times, queue retraining when enough new labels arrived."""
     _log_progress()
     from croniter import croniter
+
     from shelver.catalog.db import get_engine
     from shelver.worker.schedule import run_beat, send_retrain, tick
 
@@ -660,6 +665,7 @@ def demo(
     PostgreSQL and Valkey and stops them at the end.
     """
     from rich.live import Live
+
     from shelver.catalog.db import engine_for
     from shelver.catalog.migrate import upgrade
     from shelver.catalog.settings import sqlalchemy_url

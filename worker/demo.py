@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
+
 from shelver.catalog.embedded import create_database, embedded_services
 from shelver.catalog.settings import Settings, libpq_url
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.extensions
+from sqlalchemy import Engine, text
+
 from shelver.catalog import queue
 from shelver.catalog.settings import Settings, libpq_url
 from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_QUEUE
-from sqlalchemy import Engine, text
 
 log = logging.getLogger(__name__)
 

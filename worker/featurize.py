@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from shelver.catalog.embeddings import CachedEmbedding, Executor, get_cached
 from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
 from shelver.worker.images import ImageRejected, ImageSettings, load_image

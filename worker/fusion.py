@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
+
 from shelver.worker.lexical import LexicalVocabulary
 
 log = logging.getLogger(__name__)

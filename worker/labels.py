@@ -13,10 +13,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shelver.catalog.categories import category_ids, ensure_categories
-from shelver.catalog.importer import Rejection
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
+
+from shelver.catalog.categories import category_ids, ensure_categories
+from shelver.catalog.importer import Rejection
 
 log = logging.getLogger(__name__)
 

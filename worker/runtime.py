@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import Engine, text
+
 from shelver.catalog.settings import Settings
 from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
 from shelver.worker.fusion import ArtifactRejected, FusionModel
-from sqlalchemy import Engine, text
 
 log = logging.getLogger(__name__)
 

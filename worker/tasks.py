@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 from celery.signals import worker_process_init
+from sqlalchemy.orm import Session
+
 from shelver.catalog.settings import get_settings
 from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_TASK, RETRAIN_TASK, app
 from shelver.worker.classify import FusionClassifier, classify_products
 from shelver.worker.runtime import get_runtime
-from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
