@@ -1,0 +1,1 @@
+"""The merchandisers' web application: review queue, audits, dashboard and registry (`shelver serve`)."""
