@@ -36,7 +36,9 @@ class ImportFormatError(ValueError):
 
 
 @dataclass(frozen=True)
-class ProductRow:
+class ImportRecord:
+    """One product as a file gives it, before it is in the catalog (no id, no content hash)."""
+
     line: int
     sku: str
     name: str
@@ -70,7 +72,7 @@ def _resolve_image(value: str, base: Path) -> str | None:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
-def _check(row: ProductRow) -> str | None:
+def _check(row: ImportRecord) -> str | None:
     """Why the row cannot be imported, or None when it can."""
     values = {
         "sku": row.sku,
@@ -93,7 +95,7 @@ def _check(row: ProductRow) -> str | None:
     return None
 
 
-def read_csv(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejection]:
+def read_csv(path: Path, *, labeled: bool = True) -> Iterator[ImportRecord | Rejection]:
     # Undecodable bytes become lone surrogates, so one bad row is reported
     # instead of the whole file failing to decode.
     text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
@@ -132,7 +134,7 @@ def read_csv(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejec
         def get(column: str, row: list[str] = values) -> str:
             return row[index[column]] if column in index else ""
 
-        yield ProductRow(
+        yield ImportRecord(
             line=start,
             sku=get("id").strip(),
             name=get("name").strip(),
@@ -142,7 +144,7 @@ def read_csv(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejec
         )
 
 
-def read_bestbuy_json(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejection]:
+def read_bestbuy_json(path: Path, *, labeled: bool = True) -> Iterator[ImportRecord | Rejection]:
     """Best Buy open data: a JSON array of products (or {"products": [...]}).
 
     The label is the first entry of ``categoryPath`` (older dumps call it
@@ -176,7 +178,7 @@ def read_bestbuy_json(path: Path, *, labeled: bool = True) -> Iterator[ProductRo
             "",
         )
         image = item.get("image") or ""
-        yield ProductRow(
+        yield ImportRecord(
             line=position,
             sku=str(item.get("sku") or "").strip(),
             name=str(item.get("name") or "").strip(),
@@ -186,7 +188,7 @@ def read_bestbuy_json(path: Path, *, labeled: bool = True) -> Iterator[ProductRo
         )
 
 
-def read_products(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | Rejection]:
+def read_products(path: Path, *, labeled: bool = True) -> Iterator[ImportRecord | Rejection]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix.lower() == ".json":
@@ -197,8 +199,8 @@ def read_products(path: Path, *, labeled: bool = True) -> Iterator[ProductRow | 
 
 
 def valid_rows(
-    rows: Iterator[ProductRow | Rejection], report: ImportReport
-) -> Iterator[ProductRow]:
+    rows: Iterator[ImportRecord | Rejection], report: ImportReport
+) -> Iterator[ImportRecord]:
     """Drop and report bad rows, including a sku repeated within the file."""
     first_line: dict[str, int] = {}
     for row in rows:
@@ -237,7 +239,7 @@ RETURNING (xmax = 0) AS inserted
 """
 
 
-def _write_chunk(engine: Engine, chunk: list[ProductRow], report: ImportReport) -> None:
+def _write_chunk(engine: Engine, chunk: list[ImportRecord], report: ImportReport) -> None:
     from psycopg2.extras import execute_values
 
     with engine.begin() as conn:
@@ -272,7 +274,7 @@ def import_file(
     report = ImportReport()
     rows = valid_rows(read_products(path, labeled=labeled), report)
     with _progress(progress, path) as advance:
-        chunk: list[ProductRow] = []
+        chunk: list[ImportRecord] = []
         for row in rows:
             chunk.append(row)
             if len(chunk) >= CHUNK_ROWS:

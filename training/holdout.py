@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
-from shelver.catalog.importer import ImportReport, ProductRow, read_products, valid_rows
+from shelver.catalog.importer import ImportRecord, ImportReport, read_products, valid_rows
 from shelver.catalog.settings import Settings
 from shelver.training.evaluate import evaluate
 from shelver.worker.encoders import load_encoders
@@ -58,7 +58,7 @@ class FileEvaluation:
 def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEvaluation:
     """Score ``model`` on a labeled file, without writing its rows to the catalog."""
     report = ImportReport()
-    rows: list[ProductRow] = [
+    rows: list[ImportRecord] = [
         r for r in valid_rows(read_products(path, labeled=True), report) if r.category
     ]
     if not rows:
