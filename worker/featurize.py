@@ -1,4 +1,4 @@
-"""Turns product rows into fusion-model inputs, through the embedding cache.
+"""Turns products into fusion-model inputs, through the embedding cache.
 
 The classify task, backfill and training all call ``embed_products``, so a
 product is encoded the same way everywhere and at most once per encoder and
@@ -14,30 +14,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shelver.catalog.embeddings import CachedEmbedding, Executor, get_cached
-from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
+from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.images import ImageRejected, ImageSettings, load_image
+from shelver.worker.inputs import ModelInputs, ProductContent, pack_texts
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ProductInput:
-    product_id: int
-    content_hash: str
-    name: str
-    description: str | None
-    image_uri: str | None
-
-
 @dataclass
-class Features:
+class EmbeddedBatch:
     """Model inputs in the order of the products given, plus what to write to the cache."""
 
-    texts: list[str]
-    text_emb: np.ndarray
-    image_emb: np.ndarray
-    image_present: np.ndarray
-    names: list[str]
+    inputs: ModelInputs
     # product id -> "reason: message" for images that were given but not usable
     image_errors: dict[int, str] = field(default_factory=dict)
     new_text: list[CachedEmbedding] = field(default_factory=list)
@@ -46,19 +34,23 @@ class Features:
 
 def embed_products(
     db: Executor | None,
-    products: Sequence[ProductInput],
+    products: Sequence[ProductContent],
     text_encoder: TextEncoder,
     image_encoder: ImageEncoder,
     image_settings: ImageSettings,
-) -> Features:
+    *,
+    text_packing: str,
+) -> EmbeddedBatch:
     """Cached vectors where the content hash matches; the rest encoded in batches.
+
+    ``text_packing`` is the model's (its meta.json, or the one training records).
 
     Nothing is written here: the caller stores ``new_text`` and ``new_image``
     in its own transaction (the worker in the one that writes results). With
     ``db`` None (rows not in the catalog) the cache is skipped.
     """
     keys = [(p.product_id, p.content_hash) for p in products]
-    texts = [product_text(p.name, p.description) for p in products]
+    texts = pack_texts(products, text_packing)
 
     text_emb = np.zeros((len(products), text_encoder.dim), dtype=np.float32)
     cached = get_cached(db, text_encoder.identity, keys) if db is not None else {}
@@ -87,7 +79,7 @@ def embed_products(
             to_load.append(i)
         else:
             image_emb[i], present[i] = vector, 1.0
-    errors: dict[int, str] = {}
+    errors: dict[int, ImageRejected] = {}
     loaded_rows: list[int] = []
     loaded_images = []
     for i in to_load:
@@ -95,11 +87,13 @@ def embed_products(
             loaded_images.append(load_image(products[i].image_uri or "", image_settings))
             loaded_rows.append(i)
         except ImageRejected as exc:
-            errors[products[i].product_id] = str(exc)
+            errors[products[i].product_id] = exc
         except Exception as exc:  # one hostile file must not take the batch with it
             log.warning("product %s: unexpected error loading its image", products[i].product_id,
                         exc_info=True)  # fmt: skip
-            errors[products[i].product_id] = f"error: {type(exc).__name__}: {exc}"
+            errors[products[i].product_id] = ImageRejected(
+                "unexpected_error", f"{type(exc).__name__}: {exc}"
+            )
     new_image: list[CachedEmbedding] = []
     if loaded_images:
         vectors = image_encoder.encode(loaded_images)
@@ -109,7 +103,13 @@ def embed_products(
             CachedEmbedding(products[i].product_id, products[i].content_hash, v)
             for i, v in zip(loaded_rows, vectors, strict=True)
         ]
+    images = ImageUsage.count(
+        [p.image_uri for p in products],
+        present > 0,
+        [errors.get(p.product_id) for p in products],
+        image_settings,
+    )
     if errors:
-        log.info("%d of %d images unusable; those rows use text alone", len(errors), len(products))
+        log.info("%s; the refused use text alone", images.describe())
     names = [(p.name or "").strip() for p in products]
-    return Features(texts, text_emb, image_emb, present, names, errors, new_text, new_image)
+    return Features(texts, text_emb, image_emb, present, names, errors, new_text, new_image, images)

@@ -14,6 +14,9 @@ import stat
 import urllib.error
 import urllib.request
 import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import IO, Protocol
@@ -21,6 +24,8 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shelver.catalog.images import RootCheck, confine, image_roots
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ REASONS = (
     "truncated",
     "corrupt",
     "unsupported_mode",
+    # Not a refusal we foresaw: a bug in a decoder, say. Logged with its traceback.
+    "unexpected_error",
 )
 
 
@@ -75,6 +82,82 @@ class ImageRejected(Exception):
         return f"{self.reason}: {self.message}"
 
 
+@dataclass
+class ImageUsage:
+    """Of some rows: how many gave the model an image, and why the others did not.
+
+    Training, evaluation and the worker all count with this, so a fusion model that
+    quietly became a text model (every image refused) is visible wherever images are read.
+    """
+
+    rows: int = 0
+    usable: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    roots: RootCheck = field(default_factory=lambda: RootCheck([]))
+
+    @classmethod
+    def count(
+        cls,
+        uris: Sequence[str | None],
+        usable: Sequence[bool],
+        refusals: Sequence[ImageRejected | None],
+        settings: ImageSettings,
+    ) -> ImageUsage:
+        """Usage of rows given, per row, the image reference, whether its image was used,
+        and the refusal when one was raised."""
+        usage = cls(len(uris), sum(bool(u) for u in usable), roots=RootCheck(settings.image_roots))
+        usage.refused.update(refusal.reason for refusal in refusals if refusal is not None)
+        for uri in uris:
+            usage.roots.add(uri)
+        return usage
+
+    def __add__(self, other: ImageUsage) -> ImageUsage:
+        return ImageUsage(
+            self.rows + other.rows,
+            self.usable + other.usable,
+            self.refused + other.refused,
+            self.roots.merge(other.roots),
+        )
+
+    @property
+    def without_image(self) -> int:
+        return self.rows - self.usable - self.refused.total()
+
+    @property
+    def all_refused(self) -> bool:
+        """Images were given and not one could be used: the model saw text alone."""
+        return self.usable == 0 and self.refused.total() > 0
+
+    @property
+    def roots_setting(self) -> str | None:
+        """The SHELVER_IMAGE_ROOTS that would admit the images refused as outside the roots."""
+        return self.roots.setting() if self.refused["outside_root"] else None
+
+    def describe(self) -> str:
+        """One sentence for people, e.g. "3 of 10 rows had a usable image; 7 refused
+        (outside_root 7)"."""
+        line = f"{self.usable} of {self.rows} rows had a usable image"
+        if self.refused:
+            line += f"; {self.refused.total()} refused ({_by_reason(self.refused)})"
+        if self.without_image:
+            line += f"; {self.without_image} had none"
+        return line
+
+    def as_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "usable": self.usable,
+            "without_image": self.without_image,
+            "refused": dict(self.refused.most_common()),
+            "all_refused": self.all_refused,
+            "roots_setting": self.roots_setting,
+        }
+
+
+def _by_reason(counts: Counter[str]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in counts.most_common())
+
+
 def load_image(uri: str, settings: ImageSettings) -> Image.Image:
     """Load the image at ``uri`` (a path, file:// or, if allowed, http(s) URL) as RGB."""
     data = read_image_bytes(uri, settings)
@@ -99,22 +182,9 @@ def read_image_bytes(uri: str, settings: ImageSettings) -> bytes:
     return _read_local(Path(uri), settings)
 
 
-def _roots(settings: ImageSettings) -> list[Path]:
-    roots = settings.image_roots or [Path.cwd()]
-    return [Path(root).resolve() for root in roots]
-
-
 def resolve_local(path: Path, settings: ImageSettings) -> Path:
     """The real path of ``path`` if it lies inside an image root, symlinks followed."""
-    roots = _roots(settings)
-    # resolve() follows every symlink, so "../" and a link pointing out of the root are judged by
-    # where they really lead, not by how the path is spelled.
-    candidates = [(path if path.is_absolute() else root / path).resolve() for root in roots]
-    inside = [
-        candidate
-        for candidate in candidates
-        if any(candidate.is_relative_to(root) for root in roots)
-    ]
+    inside = confine(path, image_roots(settings.image_roots))
     if not inside:
         raise ImageRejected("outside_root", f"{path} is outside the configured image roots")
     for candidate in inside:
