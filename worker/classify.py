@@ -22,9 +22,10 @@ from sqlalchemy.orm import Session
 from shelver.catalog import embeddings as cache
 from shelver.catalog import queue
 from shelver.catalog.categories import category_ids, ensure_categories
+from shelver.catalog.images import image_not_used
 from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
 from shelver.worker.featurize import ProductInput, embed_products
-from shelver.worker.images import ImageSettings
+from shelver.worker.images import ImageSettings, ImageUsage
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class ScoredBatch:
     outcomes: list[Outcome]
     # Fresh vectors to cache, per encoder identity.
     new_embeddings: dict[str, list[cache.CachedEmbedding]] = field(default_factory=dict)
+    images: ImageUsage = field(default_factory=ImageUsage)
 
 
 class Classifier(Protocol):
@@ -86,8 +88,10 @@ class BatchSummary:
     stale: int = 0
     # Given back unprocessed (no model yet).
     released: int = 0
+    # Rows classified without their image (or failed), by refusal reason.
+    images_refused: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | dict[str, int]]:
         return dict(self.__dict__)
 
 
@@ -142,7 +146,7 @@ class FusionClassifier:
         usable = []
         for i, row in enumerate(rows):
             error = features.image_errors.get(row.id)
-            note = f"image not used: {error}" if error else None
+            note = image_not_used(error.reason, error.message) if error else None
             if not texts[i].strip() and not present[i]:
                 reason = "no usable text and no usable image"
                 if error:
@@ -171,6 +175,7 @@ class FusionClassifier:
                 self.text_encoder.identity: features.new_text,
                 self.image_encoder.identity: features.new_image,
             },
+            features.images,
         )
 
 
@@ -293,5 +298,14 @@ def classify_products(
         return BatchSummary()
     scored = classifier.score(db, rows)
     summary = write_results(db, rows, scored, classifier)
+    summary.images_refused = dict(scored.images.refused.most_common())
     log.info("batch of %d: %s", len(product_ids), summary.as_dict())
+    if scored.images.refused:
+        # Each row records its own reason in products.error; this says it where operators look.
+        setting = scored.images.roots_setting
+        log.warning(
+            "batch of %d: %s; those rows were classified from text alone%s",
+            len(product_ids), scored.images.describe(),
+            f" (to admit the images outside the roots: {setting})" if setting else "",
+        )  # fmt: skip
     return summary

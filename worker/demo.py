@@ -1,10 +1,10 @@
 """``shelver demo``: the whole event path on this machine, from nothing to categorized products.
 
-Each step is a function the CLI calls and reports on: bring up PostgreSQL and
-Redis (embedded ones when no URLs are configured), migrate, make sure the
-encoders exist, make sure a champion exists (the bundled default model, or one
-trained on ``--data``), start a real dispatcher and worker, insert products
-with plain SQL, and watch them being classified.
+``run_demo`` brings up PostgreSQL and Redis (embedded ones when no URLs are
+configured), migrates, makes sure the encoders exist, makes sure a champion
+exists (the bundled default model, or one trained on ``--data``), starts a real
+dispatcher and worker, inserts products with plain SQL, and watches them being
+classified. It tells a ``DemoObserver`` what happens; the CLI's observer prints.
 """
 
 from __future__ import annotations
@@ -16,18 +16,161 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import psycopg2
+from sqlalchemy import Engine
 
+from shelver.catalog.db import engine_for
 from shelver.catalog.embedded import create_database, embedded_services
-from shelver.catalog.settings import Settings, libpq_url
+from shelver.catalog.importer import import_file
+from shelver.catalog.migrate import upgrade
+from shelver.catalog.settings import Settings, libpq_url, sqlalchemy_url
+
+if TYPE_CHECKING:
+    from shelver.training.pipeline import TrainOutcome
 
 DEMO_PRODUCTS = Path(__file__).resolve().parent / "demo_data" / "products.csv"
 DEMO_SKU_PREFIX = "demo-"
 TERMINAL = ("classified", "needs_review", "failed")
+
+
+class DemoError(RuntimeError):
+    """The demo could not finish; the message says where to look."""
+
+
+class DemoObserver(Protocol):
+    """What the demo reports while it runs; each call returns at once."""
+
+    def step(self, message: str) -> None:
+        """A numbered step is done."""
+
+    def note(self, message: str) -> None:
+        """A detail of the step under way."""
+
+    def trained(self, outcome: TrainOutcome) -> None:
+        """``--data``: the model trained on it, now the champion."""
+
+    def classifying(self, done: int, total: int) -> None:
+        """``--data``: imported rows that left the queue, at each poll."""
+
+    def products(self, rows: list[ProductView]) -> None:
+        """The demo products as they are now, at each poll."""
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    finished: bool  # every watched product reached a terminal status in time
+    by_status: dict[str, int]  # the watched products: the demo's own, or all with ``--data``
+    log_path: Path
+
+
+def run_demo(
+    settings: Settings, observer: DemoObserver, data: Path | None = None, timeout_s: float = 300.0
+) -> DemoOutcome:
+    """The whole event path, from services to classified products; everything started is stopped.
+
+    With ``data`` (a labeled CSV) its rows are imported, a model is trained on them and made
+    champion, and the demo waits for them; otherwise the bundled default model classifies the
+    demo products, inserted with plain SQL.
+    """
+    if data is not None and not data.exists():
+        raise DemoError(f"{data}: no such file")
+    with services(settings) as (database_url, broker_url, embedded):
+        where = "embedded, stopped when the demo ends" if embedded else "from your settings"
+        observer.step(f"PostgreSQL and Redis are up ({where})")
+        prepare_catalog(settings, observer, database_url)
+        engine = engine_for(sqlalchemy_url(database_url))
+        image_root = data.resolve().parent if data is not None else None
+        if data is not None:
+            train_on(engine, settings, observer, data, database_url)
+        else:
+            # The bundle's artifact is checked with onnxruntime, from the worker extra.
+            from shelver.training.bundle import register_bundled
+
+            record = register_bundled(engine)
+            observer.step(
+                f"champion: {record.version} (the bundled default model)"
+                if record
+                else "the catalog already has a champion; using it"
+            )
+        env = process_env(database_url, broker_url, settings, image_root)
+        with event_path(env, Path(settings.data_dir)) as running:
+            observer.step("dispatcher and worker started")
+            if data is not None:
+                finished, by_status = _watch_queue(database_url, running, observer, timeout_s)
+            else:
+                skus = insert_demo_products(database_url)
+                observer.step(f"inserted {len(skus)} products with plain SQL")
+                finished, by_status = _watch_products(
+                    database_url, skus, running, observer, timeout_s
+                )
+    return DemoOutcome(finished, by_status, running.log_path)
+
+
+def prepare_catalog(settings: Settings, observer: DemoObserver, database_url: str) -> None:
+    """Migrate the schema and export the encoders when they are missing."""
+    upgrade(database_url)
+    observer.step("catalog schema migrated (tables, trigger, queue)")
+    if not encoders_ready(settings.model_dir):
+        observer.note("exporting the encoders to ONNX, once (about a minute)")
+        from shelver.training.encoder_export import export_encoders
+
+        export_encoders(settings.model_dir)
+    observer.step(f"encoders ready in {settings.model_dir}")
+
+
+def train_on(
+    engine: Engine, settings: Settings, observer: DemoObserver, data: Path, database_url: str
+) -> None:
+    """Import ``data`` and make a model trained on it the champion, whatever the gate says."""
+    # TensorFlow comes with the train extra and takes seconds to import.
+    from shelver.training.pipeline import train_and_register
+
+    report = import_file(engine, data, progress=True)
+    observer.note(f"imported {report.inserted + report.updated} rows from {data}")
+    run_settings = settings.model_copy(
+        update={"database_url": database_url, "image_roots": [data.resolve().parent]}
+    )
+    outcome = train_and_register(engine, run_settings, promote="force")
+    observer.step(f"trained {outcome.model.version} on {data}; champion")
+    observer.trained(outcome)
+
+
+def _watch_queue(
+    database_url: str, running: RunningProcesses, observer: DemoObserver, timeout_s: float
+) -> tuple[bool, dict[str, int]]:
+    total, _ = queue_depth(database_url)
+
+    def drained() -> bool:
+        depth, _ = queue_depth(database_url)
+        observer.classifying(total - depth, total)
+        running.check()
+        return depth == 0
+
+    finished = wait_until(drained, timeout_s)
+    return finished, queue_depth(database_url)[1]
+
+
+def _watch_products(
+    database_url: str,
+    skus: list[str],
+    running: RunningProcesses,
+    observer: DemoObserver,
+    timeout_s: float,
+) -> tuple[bool, dict[str, int]]:
+    def all_terminal() -> bool:
+        rows = snapshot(database_url, skus)
+        observer.products(rows)
+        running.check()
+        return all(r.status in TERMINAL for r in rows)
+
+    finished = wait_until(all_terminal, timeout_s)
+    return finished, dict(Counter(r.status for r in snapshot(database_url, skus)))
 
 
 @contextlib.contextmanager
@@ -74,6 +217,11 @@ class RunningProcesses:
 
     def alive(self) -> bool:
         return self.dispatcher.poll() is None and self.worker.poll() is None
+
+    def check(self) -> None:
+        """Raise DemoError when the dispatcher or the worker has exited."""
+        if not self.alive():
+            raise DemoError(f"a demo process died; see {self.log_path}")
 
 
 @contextlib.contextmanager

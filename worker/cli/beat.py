@@ -1,0 +1,37 @@
+"""``shelver beat``: the retraining schedule."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from shelver.catalog.db import get_engine
+from shelver.catalog.settings import get_settings
+from shelver.worker.cli.terminal import UserError, console, log_progress, stop_on_signals
+
+
+def beat(
+    once: Annotated[
+        bool, typer.Option("--once", help="Check now, queue retraining if due, and exit.")
+    ] = False,
+) -> None:
+    """At SHELVER_RETRAIN_CRON times, queue retraining when enough new labels arrived."""
+    log_progress()
+    # croniter and Celery come with the worker extra.
+    from croniter import croniter
+
+    from shelver.worker.schedule import run_beat, send_retrain, tick
+
+    settings = get_settings()
+    settings.require_broker_url()
+    if not croniter.is_valid(settings.retrain_cron):
+        raise UserError(f"SHELVER_RETRAIN_CRON={settings.retrain_cron!r} is not a cron expression")
+    engine = get_engine()
+    if once:
+        decision = tick(engine, settings.retrain_min_new_labels, send_retrain)
+        console.print(
+            ("retraining queued: " if decision.start else "no retraining: ") + decision.reason
+        )
+        return
+    run_beat(engine, settings.retrain_cron, settings.retrain_min_new_labels, stop_on_signals())

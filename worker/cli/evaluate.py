@@ -1,0 +1,51 @@
+"""``shelver evaluate``: the champion's figures on a labeled file the catalog never sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from shelver.catalog.db import get_engine
+from shelver.catalog.importer import ImportFormatError
+from shelver.catalog.settings import get_settings
+from shelver.worker.cli.terminal import UserError, console, fmt
+
+
+def evaluate_command(
+    path: Annotated[Path, typer.Argument(help="A labeled CSV in the shared schema.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Score the champion on a labeled file without inserting its rows into the catalog."""
+    # onnxruntime comes with the worker extra.
+    from shelver.training.holdout import champion_model, evaluate_file
+
+    try:
+        record, model = champion_model(get_engine())
+        result = evaluate_file(model, path, get_settings())
+    except (LookupError, ValueError, ImportFormatError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from exc
+    metrics = {"model": record.version, **result.metrics}
+    metrics["rejected_rows"] = [
+        {"line": r.line, "reason": r.reason} for r in result.rejected.rejected
+    ]
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    console.print(
+        f"{record.version} on {path}: n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
+        f"macro-F1={metrics['macro_f1']:.4f} coverage={metrics['coverage']:.3f}"
+    )
+    table = Table()
+    for column in ("category", "precision", "recall", "F1", "support"):
+        table.add_column(column)
+    for label, row in metrics["per_class"].items():
+        table.add_row(
+            label, fmt(row["precision"]), fmt(row["recall"]), fmt(row["f1"]), str(row["support"])
+        )
+    console.print(table)
+    if metrics["unknown_categories"]:
+        console.print(f"categories the model does not know: {metrics['unknown_categories']}")
