@@ -84,8 +84,8 @@ class RootCheck:
         self.outside_dirs.add(real.parent)
 
     def merge(self, other: RootCheck) -> RootCheck:
-        """Both checks together (they must be against the same roots)."""
-        merged = RootCheck(self.configured)
+        """Both checks together, against the same roots (an empty check takes the other's)."""
+        merged = RootCheck(self.configured or other.configured)
         merged.local = self.local + other.local
         merged.outside = self.outside + other.outside
         merged.outside_dirs = self.outside_dirs | other.outside_dirs

@@ -19,6 +19,7 @@ from shelver.training.fit import TrainingData
 from shelver.training.splits import title_prefix_groups
 from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.featurize import ProductInput, embed_products
+from shelver.worker.images import ImageUsage
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ CHUNK = 256
 class LabeledSet:
     product_ids: list[int]
     data: TrainingData
+    # How many rows gave the model an image, and why the others did not.
+    images: ImageUsage
 
 
 def labeled_products(engine: Engine) -> list[tuple[ProductInput, str]]:
@@ -80,8 +83,6 @@ def load_labeled_set(
         # stable from one run to the next (see training/splits.py).
         groups=title_prefix_groups([product.name for product, _ in rows]),
     )
-    log.info(
-        "training set: %d labeled products, %d with a usable image",
-        len(rows), int(data.image_present.sum()),
-    )  # fmt: skip
-    return LabeledSet([p.product_id for p, _ in rows], data)
+    images = sum((f.images for f in parts), ImageUsage())
+    log.info("training set: %d labeled products; %s", len(rows), images.describe())
+    return LabeledSet([p.product_id for p, _ in rows], data, images)

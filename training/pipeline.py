@@ -22,6 +22,7 @@ from shelver.training.fit import TrainParams, train
 from shelver.training.holdout import score_model
 from shelver.worker.encoders import load_encoders
 from shelver.worker.fusion import FusionModel
+from shelver.worker.images import ImageUsage
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class TrainOutcome:
     decision: registry.GateDecision | None
     report_dir: Path
     metrics: dict
+    # Rows that gave the model an image, and why the others did not.
+    images: ImageUsage
 
 
 def _start_run(engine: Engine, params: dict) -> int:
@@ -88,6 +91,11 @@ def train_and_register(
             progress=(lambda done, total: progress("embedding", done, total)) if progress else None,
         )
         params.encoders = {"text": text_encoder.identity, "image": image_encoder.identity}
+        images = labeled.images
+        warnings = [w for w in [images.text_only_warning()] if w]
+        for warning in warnings:
+            log.warning("training run %d: %s", run_id, warning)
+        seen = {"images": images.as_dict(), "warnings": warnings}
         result = train(
             labeled.data,
             params,
@@ -107,7 +115,7 @@ def train_and_register(
                 sha256=result.sha256,
                 labels=list(result.labels),
                 encoders=params.encoders,
-                metrics=result.metrics,
+                metrics={**result.metrics, **seen},
                 threshold=float(result.threshold),
                 training_run_id=run_id,
                 eval_artifact=result.eval_artifact,
@@ -145,6 +153,7 @@ def train_and_register(
                 record = registry.get(conn, record.version)
         metrics = {
             **result.metrics,
+            **seen,
             "gate": {
                 "promoted": promoted,
                 "mode": promote,
@@ -162,7 +171,7 @@ def train_and_register(
             metrics=json.dumps(metrics, default=float),
             report_dir=str(report_dir),
         )
-        return TrainOutcome(run_id, record, promoted, decision, report_dir, metrics)
+        return TrainOutcome(run_id, record, promoted, decision, report_dir, metrics, images)
     except BaseException as exc:
         _finish_run(engine, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise

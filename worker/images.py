@@ -133,6 +133,18 @@ class ImageUsage:
         """The SHELVER_IMAGE_ROOTS that would admit the images refused as outside the roots."""
         return self.roots.setting() if self.refused["outside_root"] else None
 
+    def text_only_warning(self) -> str | None:
+        """The one line to show when every image was refused, with the fix if there is one."""
+        if not self.all_refused:
+            return None
+        line = (
+            f"every image was refused ({self.refused.total()} of {self.rows} rows: "
+            f"{_by_reason(self.refused)}); the model saw text alone"
+        )
+        if self.roots_setting:
+            line += f"; to let the images outside the roots in, set {self.roots_setting}"
+        return line
+
     def describe(self) -> str:
         """One sentence for people, e.g. "3 of 10 rows had a usable image; 7 refused
         (outside_root 7)"."""
