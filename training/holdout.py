@@ -22,6 +22,7 @@ from shelver.training.evaluate import evaluate
 from shelver.worker.encoders import load_encoders
 from shelver.worker.featurize import ProductInput, embed_products
 from shelver.worker.fusion import FusionModel
+from shelver.worker.images import ImageUsage
 
 
 def score_predictions(
@@ -53,6 +54,7 @@ def score_model(model: FusionModel, data: Any, rows: Sequence[int] | None = None
 class FileEvaluation:
     metrics: dict[str, Any]
     rejected: ImportReport
+    images: ImageUsage
 
 
 def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEvaluation:
@@ -70,8 +72,9 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
     features = embed_products(None, products, text_encoder, image_encoder, settings)
     probs = model.predict_rows(features)
     metrics = score_predictions([r.category for r in rows], probs, model.labels, model.threshold)
-    metrics["images_unusable"] = len(features.image_errors)
-    return FileEvaluation(metrics, report)
+    metrics["images"] = features.images.as_dict()
+    metrics["warnings"] = [w for w in [features.images.text_only_warning()] if w]
+    return FileEvaluation(metrics, report, features.images)
 
 
 def champion_model(engine: Engine) -> tuple[Any, FusionModel]:
