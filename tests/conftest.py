@@ -19,22 +19,23 @@ from sqlalchemy import Engine, create_engine
 
 from shelver.catalog.settings import reset_settings, sqlalchemy_url
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Small cuts of the shared product sets, kept in the repository so a bare clone tests itself;
+# fixtures/data/README.md says what each holds and fixtures/make_fixtures.py how it was cut.
+FIXTURE_DATA = Path(__file__).resolve().parent / "fixtures" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not (DATA_DIR / "README.md").exists():
-        pytest.fail(f"the shared product data is missing: expected it at {DATA_DIR}")
-    return DATA_DIR
+def fixture_data() -> Path:
+    """The repository's product fixtures: bestbuy/, flipkart/, pricerunner/ in the shared schema."""
+    return FIXTURE_DATA
 
 
 @pytest.fixture(scope="session")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory, fixture_data: Path) -> Path:
     """Exported encoders, once per test session (or $SHELVER_TEST_MODEL_DIR's)."""
     from support import export_or_reuse_encoders
 
-    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), shared_data)
+    return export_or_reuse_encoders(tmp_path_factory.getbasetemp(), fixture_data)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Helpers the process-level tests and benchmarks share: encoders, a small real champion, rows.
 
 The champion is a nearest-centroid ONNX graph built from product titles of the
-shared data, packaged and registered exactly as training would, so tests get a
+repository's fixture data, packaged and registered exactly as training would, so tests get a
 real model in seconds instead of training one.
 """
 
@@ -22,8 +22,11 @@ from shelver.worker.fusion import build_artifact, sha256_hex
 CATEGORIES = ("Cell Phones", "Appliances", "Video Games", "Musical Instruments")
 
 
-def export_or_reuse_encoders(base: Path, shared_data: Path) -> Path:
-    """Exported encoders: $SHELVER_TEST_MODEL_DIR if it holds a manifest, else a fresh export."""
+def export_or_reuse_encoders(base: Path, sample_dir: Path) -> Path:
+    """Exported encoders: $SHELVER_TEST_MODEL_DIR if it holds a manifest, else a fresh export.
+
+    A fresh export checks its parity on the products in ``sample_dir``.
+    """
     reuse = os.environ.get("SHELVER_TEST_MODEL_DIR")
     if reuse and (Path(reuse) / "manifest.json").is_file():
         return Path(reuse)
@@ -31,13 +34,13 @@ def export_or_reuse_encoders(base: Path, shared_data: Path) -> Path:
 
     path = base / "encoders"
     if not (path / "manifest.json").is_file():
-        export_encoders(path, sample_dir=shared_data)
+        export_encoders(path, sample_dir=sample_dir)
     return path
 
 
-def training_titles(shared_data: Path, per_class: int = 25) -> dict[str, list[str]]:
-    """A few product texts per category, from the far end of the Best Buy file."""
-    with (shared_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
+def training_titles(data: Path, per_class: int = 25) -> dict[str, list[str]]:
+    """A few product texts per category, from the far end of the Best Buy file in ``data``."""
+    with (data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     picked: dict[str, list[str]] = defaultdict(list)
     for row in reversed(rows):

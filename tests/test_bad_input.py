@@ -176,8 +176,8 @@ TEXT_CASES: dict[str, tuple[str, str, str | None, set[str], str | None]] = {
 
 
 @pytest.fixture(scope="module")
-def artifact(encoder_dir: Path, shared_data: Path) -> bytes:
-    return centroid_artifact(*load_encoders(encoder_dir), training_titles(shared_data))
+def artifact(encoder_dir: Path, fixture_data: Path) -> bytes:
+    return centroid_artifact(*load_encoders(encoder_dir), training_titles(fixture_data))
 
 
 @pytest.fixture

@@ -191,12 +191,15 @@ def kill_pool_child(proc: subprocess.Popen) -> int:
 # --- data and checks ----------------------------------------------------------------------------
 
 
-def sample_products(shared_data: Path, n: int, prefix: str) -> list[dict]:
-    """PriceRunner titles, with one Best Buy product with its photo in every ten."""
-    with (shared_data / "pricerunner" / "products.csv").open(newline="", encoding="utf-8") as fh:
-        titles = [r for r in csv.DictReader(fh)][::40]
-    with (shared_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
-        photos = [r for r in csv.DictReader(fh) if r["image"]][::5]
+def sample_products(fixture_data: Path, n: int, prefix: str) -> list[dict]:
+    """PriceRunner titles, with one Best Buy product with its photo in every ten.
+
+    The fixture rows are reused as often as ``n`` needs, each time under a new sku.
+    """
+    with (fixture_data / "pricerunner" / "products.csv").open(newline="", encoding="utf-8") as fh:
+        titles = list(csv.DictReader(fh))
+    with (fixture_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
+        photos = [r for r in csv.DictReader(fh) if r["image"]]
     rows = []
     for i in range(n):
         if i % 10 == 0:
@@ -264,8 +267,8 @@ def assert_all_done(engine: Engine, expected: int, *, may_fail: int = 0) -> None
 
 
 @pytest.fixture(scope="module")
-def artifact(encoder_dir: Path, shared_data: Path) -> bytes:
-    return centroid_artifact(*load_encoders(encoder_dir), training_titles(shared_data))
+def artifact(encoder_dir: Path, fixture_data: Path) -> bytes:
+    return centroid_artifact(*load_encoders(encoder_dir), training_titles(fixture_data))
 
 
 @pytest.fixture(scope="module")
@@ -277,13 +280,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         own.stop()
 
 
-def stack_env(stack: Stack, encoder_dir: Path, shared_data: Path) -> dict[str, str]:
+def stack_env(stack: Stack, encoder_dir: Path, fixture_data: Path) -> dict[str, str]:
     return {
         **os.environ,
         "SHELVER_DATABASE_URL": stack.database_url,
         "SHELVER_BROKER_URL": stack.broker_url,
         "SHELVER_MODEL_DIR": str(encoder_dir),
-        "SHELVER_IMAGE_ROOTS": json.dumps([str(shared_data)]),
+        "SHELVER_IMAGE_ROOTS": json.dumps([str(fixture_data)]),
         "SHELVER_MODEL_POLL_SECONDS": "1",
         "SHELVER_POLL_SECONDS": "1",
         "SHELVER_LEASE_SECONDS": str(LEASE_S),
@@ -294,13 +297,13 @@ def stack_env(stack: Stack, encoder_dir: Path, shared_data: Path) -> dict[str, s
 
 @pytest.fixture
 def procs(
-    stack: Stack, encoder_dir: Path, shared_data: Path, artifact: bytes, tmp_path: Path
+    stack: Stack, encoder_dir: Path, fixture_data: Path, artifact: bytes, tmp_path: Path
 ) -> Iterator[Procs]:
     from support import register_champion
 
     stack.reset()
     register_champion(stack.engine, artifact, "chaos-1")
-    running = Procs(stack_env(stack, encoder_dir, shared_data), tmp_path)
+    running = Procs(stack_env(stack, encoder_dir, fixture_data), tmp_path)
     try:
         yield running
     finally:
@@ -325,12 +328,12 @@ def wait_drained(stack: Stack, procs: Procs, timeout: float, what: str) -> None:
 
 
 def test_worker_sigkilled_three_times_during_an_ingest_of_500_loses_no_product(
-    stack: Stack, procs: Procs, shared_data: Path
+    stack: Stack, procs: Procs, fixture_data: Path
 ) -> None:
     engine = stack.engine
     procs.dispatcher()
     first = procs.worker("worker-1")
-    insert(engine, sample_products(shared_data, 500, "kill"))
+    insert(engine, sample_products(fixture_data, 500, "kill"))
 
     def progress_beyond(done: int) -> Callable[[], bool]:
         return lambda: terminal_count(engine) >= done + 30
@@ -353,11 +356,11 @@ def test_worker_sigkilled_three_times_during_an_ingest_of_500_loses_no_product(
 
 
 def test_broker_down_for_a_minute_during_ingest_loses_nothing(
-    stack: Stack, procs: Procs, shared_data: Path
+    stack: Stack, procs: Procs, fixture_data: Path
 ) -> None:
     engine = stack.engine
     dispatcher, worker = procs.dispatcher(), procs.worker()
-    rows = sample_products(shared_data, 400, "outage")
+    rows = sample_products(fixture_data, 400, "outage")
     insert(engine, rows[:100])
     wait_until(lambda: terminal_count(engine) >= 20, 120, "the first results")
 
@@ -378,11 +381,11 @@ def test_broker_down_for_a_minute_during_ingest_loses_nothing(
 
 
 def test_postgres_restart_mid_run_loses_nothing(
-    stack: Stack, procs: Procs, shared_data: Path
+    stack: Stack, procs: Procs, fixture_data: Path
 ) -> None:
     engine = stack.engine
     dispatcher, worker = procs.dispatcher(), procs.worker()
-    insert(engine, sample_products(shared_data, 500, "pg"))
+    insert(engine, sample_products(fixture_data, 500, "pg"))
     wait_until(lambda: terminal_count(engine) >= 40, 120, "the first results")
 
     stack.restart_postgres(down_s=5)
@@ -392,18 +395,18 @@ def test_postgres_restart_mid_run_loses_nothing(
     assert dispatcher.poll() is None and worker.poll() is None, "a process died in the restart"
     assert_all_done(engine, 500)
     # The worker still classifies new rows on fresh connections.
-    insert(engine, sample_products(shared_data, 5, "pg-after"))
+    insert(engine, sample_products(fixture_data, 5, "pg-after"))
     wait_drained(stack, procs, 60, "rows inserted after the restart")
     assert_all_done(engine, 505)
 
 
 def test_killed_dispatcher_is_replaced_and_its_claims_come_back(
-    stack: Stack, procs: Procs, shared_data: Path
+    stack: Stack, procs: Procs, fixture_data: Path
 ) -> None:
     engine = stack.engine
     first = procs.dispatcher("dispatch-1")
     worker = procs.worker()
-    insert(engine, sample_products(shared_data, 500, "disp"))
+    insert(engine, sample_products(fixture_data, 500, "disp"))
 
     def claimed() -> int:
         return scalar(
@@ -423,7 +426,7 @@ def test_killed_dispatcher_is_replaced_and_its_claims_come_back(
 
 
 def test_the_same_batch_delivered_twice_writes_one_history_row_per_product(
-    stack: Stack, procs: Procs, shared_data: Path
+    stack: Stack, procs: Procs, fixture_data: Path
 ) -> None:
     import celery
     from kombu import Exchange, Queue
@@ -434,7 +437,7 @@ def test_the_same_batch_delivered_twice_writes_one_history_row_per_product(
     engine = stack.engine
     # Two pool processes, so the two copies run at the same time and meet at the row locks.
     worker = procs.worker(concurrency=2)
-    insert(engine, sample_products(shared_data, 48, "dup"))
+    insert(engine, sample_products(fixture_data, 48, "dup"))
     with engine.begin() as conn:
         ids = [c.product_id for c in claim_batch(conn, limit=48, lease_seconds=300, max_attempts=5)]
     assert len(ids) == 48

@@ -1,7 +1,7 @@
 """The classify batch: results, history, cache and queue written together; per-row failures.
 
 Runs the real encoders (exported once per session) and a small real fusion model:
-a nearest-centroid ONNX graph built here from product titles of the shared data,
+a nearest-centroid ONNX graph built here from product titles of the fixture data,
 packaged and registered exactly as training would. The helpers live in
 tests/support.py.
 """
@@ -36,13 +36,13 @@ def encoders(encoder_dir: Path) -> tuple[TextEncoder, ImageEncoder]:
 
 
 @pytest.fixture(scope="session")
-def artifact(encoders: tuple[TextEncoder, ImageEncoder], shared_data: Path) -> bytes:
-    return centroid_artifact(*encoders, training_titles(shared_data))
+def artifact(encoders: tuple[TextEncoder, ImageEncoder], fixture_data: Path) -> bytes:
+    return centroid_artifact(*encoders, training_titles(fixture_data))
 
 
 @pytest.fixture
-def settings(shared_data: Path) -> Settings:
-    return Settings(image_roots=[shared_data], model_poll_seconds=0)
+def settings(fixture_data: Path) -> Settings:
+    return Settings(image_roots=[fixture_data], model_poll_seconds=0)
 
 
 @pytest.fixture
@@ -230,12 +230,12 @@ def test_new_champion_is_swapped_in_and_a_tampered_one_refused(
     engine: Engine,
     runtime: Runtime,
     encoders,
-    shared_data: Path,  # noqa: ANN001
+    fixture_data: Path,  # noqa: ANN001
 ) -> None:
     first = runtime.champion()
     assert first is not None and first.version == "centroid-1"
 
-    examples = training_titles(shared_data)
+    examples = training_titles(fixture_data)
     second = centroid_artifact(*encoders, {k: examples[k] for k in CATEGORIES[:2]})
     second_id = register_champion(engine, second, "centroid-2")
     assert runtime.champion().version == "centroid-2"

@@ -38,10 +38,10 @@ TERMINAL = ("classified", "needs_review", "failed")
 
 
 @pytest.fixture(scope="module")
-def artifacts(encoder_dir: Path, shared_data: Path) -> tuple[bytes, bytes]:
+def artifacts(encoder_dir: Path, fixture_data: Path) -> tuple[bytes, bytes]:
     """Two different champions: all four categories, and a second that knows only two."""
     encoders = load_encoders(encoder_dir)
-    examples = training_titles(shared_data)
+    examples = training_titles(fixture_data)
     first = centroid_artifact(*encoders, examples)
     second = centroid_artifact(*encoders, {k: examples[k] for k in CATEGORIES[:2]}, scale=30)
     return first, second
@@ -49,14 +49,14 @@ def artifacts(encoder_dir: Path, shared_data: Path) -> tuple[bytes, bytes]:
 
 @pytest.fixture
 def env(
-    database_url: str, broker_url: str, encoder_dir: Path, shared_data: Path, tmp_path: Path
+    database_url: str, broker_url: str, encoder_dir: Path, fixture_data: Path, tmp_path: Path
 ) -> dict[str, str]:
     return {
         **os.environ,
         "SHELVER_DATABASE_URL": database_url,
         "SHELVER_BROKER_URL": broker_url,
         "SHELVER_MODEL_DIR": str(encoder_dir),
-        "SHELVER_IMAGE_ROOTS": json.dumps([str(shared_data)]),
+        "SHELVER_IMAGE_ROOTS": json.dumps([str(fixture_data)]),
         "SHELVER_MODEL_POLL_SECONDS": "1",
         "SHELVER_POLL_SECONDS": "1",
         "SHELVER_LEASE_SECONDS": "20",
@@ -104,18 +104,19 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, logs: Path) -
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
-def sample_products(shared_data: Path, n: int) -> list[dict]:
-    """Best Buy rows, half of them with their photo."""
-    with (shared_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))[::7][:n]
+def sample_products(fixture_data: Path, n: int) -> list[dict]:
+    """Best Buy rows, half with their photo; fixture rows are reused under new skus to reach n."""
+    with (fixture_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    picked = [rows[i % len(rows)] for i in range(n)]
     return [
         {
-            "sku": f"e2e-{row['id']}",
+            "sku": f"e2e-{i}-{row['id']}",
             "name": row["name"],
             "description": row["description"],
             "image_uri": f"bestbuy/{row['image']}" if row["image"] and i % 2 == 0 else None,
         }
-        for i, row in enumerate(rows)
+        for i, row in enumerate(picked)
     ]
 
 
@@ -123,11 +124,11 @@ def test_inserted_products_all_reach_a_terminal_state(
     engine: Engine,
     env: dict[str, str],
     artifacts,
-    shared_data: Path,
+    fixture_data: Path,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
     champion = register_champion(engine, artifacts[0], "e2e-1")
-    rows = sample_products(shared_data, 200)
+    rows = sample_products(fixture_data, 200)
     with pipeline(env, tmp_path):
         started = time.monotonic()
         insert(engine, rows)
@@ -225,11 +226,11 @@ def test_a_backfill_of_stale_rows_rescores_them_with_the_new_champion(
     engine: Engine,
     env: dict[str, str],
     artifacts,
-    shared_data: Path,
+    fixture_data: Path,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
     first = register_champion(engine, artifacts[0], "e2e-1")
-    insert(engine, sample_products(shared_data, 120))
+    insert(engine, sample_products(fixture_data, 120))
     with pipeline(env, tmp_path):
         wait_for(
             lambda: scalar(engine, "SELECT count(*) FROM classification_queue") == 0,
@@ -369,7 +370,7 @@ def test_a_killed_worker_loses_no_product(
     engine: Engine,
     env: dict[str, str],
     artifacts,
-    shared_data: Path,
+    fixture_data: Path,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
     # A short lease, so work held by the dead worker comes back within the test.
@@ -378,7 +379,7 @@ def test_a_killed_worker_loses_no_product(
     worker_args = ["worker", "-Q", "classify", "-c", "1"]
     with running(["dispatch"], env, tmp_path / "dispatch.log"):
         with running(worker_args, env, tmp_path / "worker-1.log") as doomed:
-            insert(engine, sample_products(shared_data, 150))
+            insert(engine, sample_products(fixture_data, 150))
             wait_for(
                 lambda: (
                     scalar(engine, "SELECT count(*) FROM products WHERE status <> 'pending'") > 0

@@ -35,17 +35,17 @@ from shelver.worker.encoders import (
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, fixture_data: Path) -> Path:
     path = tmp_path_factory.mktemp("models")
-    export_encoders(path, sample_dir=shared_data)
+    export_encoders(path, sample_dir=fixture_data)
     return path
 
 
 @pytest.fixture(scope="session")
-def rows(shared_data: Path) -> list[dict[str, str]]:
+def rows(fixture_data: Path) -> list[dict[str, str]]:
     picked: list[dict[str, str]] = []
     for dataset in ("bestbuy", "flipkart", "pricerunner"):
-        with (shared_data / dataset / "products.csv").open(newline="", encoding="utf-8") as fh:
+        with (fixture_data / dataset / "products.csv").open(newline="", encoding="utf-8") as fh:
             all_rows = list(csv.DictReader(fh))
         # From the far end of each file: the export's own parity check sampled from the start.
         picked += [dict(r, dataset=dataset) for r in all_rows[-40:]]
@@ -58,11 +58,11 @@ def texts(rows: list[dict[str, str]]) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def photos(rows: list[dict[str, str]], shared_data: Path) -> list[Image.Image]:
+def photos(rows: list[dict[str, str]], fixture_data: Path) -> list[Image.Image]:
     images = []
     for r in rows:
         if r["image"]:
-            with Image.open(shared_data / r["dataset"] / r["image"]) as im:
+            with Image.open(fixture_data / r["dataset"] / r["image"]) as im:
                 images.append(im.convert("RGB"))
     return images[:24]
 
@@ -286,12 +286,12 @@ def test_manifest_from_before_weights_were_recorded_keeps_the_file_identity(
 
 
 def test_failed_parity_leaves_no_manifest(
-    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fixture_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "manifest.json").write_text("{}")  # left by an earlier export
     monkeypatch.setattr(encoder_export, "min_cosine", lambda a, b: 0.99)
     with pytest.raises(ParityError, match="min cosine"):
-        export_encoders(tmp_path, sample_dir=shared_data)
+        export_encoders(tmp_path, sample_dir=fixture_data)
     assert not (tmp_path / "manifest.json").exists()
     with pytest.raises(EncoderUnavailable, match=EXPORT_COMMAND):
         load_encoders(tmp_path)

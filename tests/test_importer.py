@@ -165,9 +165,9 @@ def test_cli_import_exit_status_and_status_json(database_url: str, tmp_path: Pat
     assert status["champion"] is None
 
 
-def test_pricerunner_imports_whole(engine: Engine, shared_data: Path) -> None:
-    report = import_file(engine, shared_data / "pricerunner" / "products.csv")
+def test_pricerunner_imports_whole(engine: Engine, fixture_data: Path) -> None:
+    report = import_file(engine, fixture_data / "pricerunner" / "products.csv")
     assert report.rejected == []
-    assert report.inserted == 24842
+    assert report.inserted == 120  # the fixture's rows: 12 of each of the 10 categories
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM categories")).scalar_one() == 10

@@ -99,9 +99,9 @@ class ImageServer:
 
 
 @pytest.fixture(scope="module")
-def artifacts(encoder_dir: Path, shared_data: Path) -> tuple[bytes, bytes]:
+def artifacts(encoder_dir: Path, fixture_data: Path) -> tuple[bytes, bytes]:
     encoders = load_encoders(encoder_dir)
-    examples = training_titles(shared_data)
+    examples = training_titles(fixture_data)
     first = centroid_artifact(*encoders, examples)
     second = centroid_artifact(*encoders, {k: examples[k] for k in CATEGORIES[:2]})
     return first, second
@@ -159,14 +159,14 @@ def test_running_worker_reads_only_inside_image_roots_and_fetches_only_allowlist
     procs: Procs,
     artifacts: tuple[bytes, bytes],
     image_server: ImageServer,
-    shared_data: Path,
+    fixture_data: Path,
     tmp_path: Path,
 ) -> None:
     register_champion(engine, artifacts[0], "sec-1")
     root = tmp_path / "images"
     root.mkdir()
     (root / "inside.jpg").write_bytes(_jpeg())
-    outside = next((shared_data / "bestbuy" / "images").glob("*.jpg"))
+    outside = next((fixture_data / "bestbuy" / "images").glob("*.jpg"))
     (root / "escape.jpg").symlink_to(outside)
     port = image_server.port
     images = {
@@ -301,7 +301,7 @@ def test_credentials_come_from_the_environment_only_and_never_reach_logs_or_outp
     guarded_stack: tuple[Stack, str, str],
     encoder_dir: Path,
     artifacts: tuple[bytes, bytes],
-    shared_data: Path,
+    fixture_data: Path,
     tmp_path: Path,
 ) -> None:
     stack, url, password = guarded_stack
@@ -318,14 +318,14 @@ def test_credentials_come_from_the_environment_only_and_never_reach_logs_or_outp
         encoder_dir,
         SHELVER_DATABASE_URL=url,
         SHELVER_BROKER_URL=stack.broker_url,
-        SHELVER_IMAGE_ROOTS=json.dumps([str(shared_data)]),
+        SHELVER_IMAGE_ROOTS=json.dumps([str(fixture_data)]),
     )
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Procs(env, logs)
     try:
         worker, dispatcher = procs.worker(), procs.dispatcher()
-        insert(app_engine, sample_products(shared_data, 40, "cred"))
+        insert(app_engine, sample_products(fixture_data, 40, "cred"))
         wait_until(lambda: drained(app_engine), 180, "classification as the password role")
         assert_all_done(app_engine, 40)
         command_lines = [

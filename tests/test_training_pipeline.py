@@ -25,33 +25,32 @@ pytestmark = pytest.mark.slow
 SHELVER = [sys.executable, "-m", "shelver.worker"]
 
 
-def flipkart_rows(shared_data: Path) -> dict[str, list[dict[str, str]]]:
+def flipkart_rows(fixture_data: Path) -> dict[str, list[dict[str, str]]]:
     by_class: dict[str, list[dict[str, str]]] = defaultdict(list)
-    with (shared_data / "flipkart" / "products.csv").open(newline="", encoding="utf-8") as fh:
+    with (fixture_data / "flipkart" / "products.csv").open(newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if row["image"]:
-                row["image"] = str(shared_data / "flipkart" / row["image"])
+                row["image"] = str(fixture_data / "flipkart" / row["image"])
             by_class[row["category"]].append(row)
     return by_class
 
 
 def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["id", "name", "description", "category", "image",
-                                                "source"])  # fmt: skip
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))  # the data's columns, as read
         writer.writeheader()
         writer.writerows(rows)
     return path
 
 
 @pytest.fixture
-def env(database_url: str, encoder_dir: Path, shared_data: Path, tmp_path: Path) -> dict:
+def env(database_url: str, encoder_dir: Path, fixture_data: Path, tmp_path: Path) -> dict:
     return {
         **os.environ,
         "SHELVER_DATABASE_URL": database_url,
         "SHELVER_MODEL_DIR": str(encoder_dir),
         "SHELVER_DATA_DIR": str(tmp_path / "var"),
-        "SHELVER_IMAGE_ROOTS": json.dumps([str(shared_data)]),
+        "SHELVER_IMAGE_ROOTS": json.dumps([str(fixture_data)]),
         "SHELVER_PROMOTE_MIN_IMPROVEMENT": "0.005",
         "HF_HUB_OFFLINE": "1",
     }
@@ -85,9 +84,9 @@ def keep_labels(engine: Engine, per_class: int) -> None:
 
 
 def test_train_report_gate_rollback_and_evaluate(
-    engine: Engine, env: dict, shared_data: Path, tmp_path: Path
+    engine: Engine, env: dict, fixture_data: Path, tmp_path: Path
 ) -> None:
-    by_class = flipkart_rows(shared_data)
+    by_class = flipkart_rows(fixture_data)
     train_rows = [r for rows in by_class.values() for r in rows[:40]]
     import_file(engine, write_csv(tmp_path / "train.csv", train_rows))
 
@@ -139,7 +138,7 @@ def test_train_report_gate_rollback_and_evaluate(
         products_before = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
     assert runs == ["succeeded"] * 3
 
-    held_out = [r for rows in by_class.values() for r in rows[100:108]]
+    held_out = [r for rows in by_class.values() for r in rows[40:48]]
     held_out += [dict(held_out[0], id="x1", category="Garden"), dict(held_out[1], id="x2",
                                                                    category="Garden")]  # fmt: skip
     result = shelver(env, "evaluate", str(write_csv(tmp_path / "held.csv", held_out)), "--json")
@@ -155,9 +154,9 @@ def test_train_report_gate_rollback_and_evaluate(
 
 
 def test_scheduled_retraining_runs_on_the_training_queue(
-    engine: Engine, env: dict, broker_url: str, shared_data: Path, tmp_path: Path
+    engine: Engine, env: dict, broker_url: str, fixture_data: Path, tmp_path: Path
 ) -> None:
-    by_class = flipkart_rows(shared_data)
+    by_class = flipkart_rows(fixture_data)
     import_file(
         engine,
         write_csv(tmp_path / "train.csv", [r for rows in by_class.values() for r in rows[:15]]),
