@@ -61,7 +61,7 @@ class RootCheck:
     now, plus the narrowest directory holding the ones outside them.
     """
 
-    configured: list[Path]
+    configured: Sequence[Path]
     local: int = 0
     outside: int = 0
     outside_dirs: set[Path] = field(default_factory=set)

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,8 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from shelver.catalog.categories import category_ids, ensure_categories
+from shelver.catalog.images import RootCheck
+from shelver.catalog.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ class ImportReport:
     unchanged: int = 0
     categories_created: int = 0
     rejected: list[Rejection] = field(default_factory=list)
+    # The imported rows' local images against SHELVER_IMAGE_ROOTS: those outside will be
+    # refused by the worker, and ``images.setting()`` is what would let them in.
+    images: RootCheck = field(default_factory=lambda: RootCheck([]))
 
 
 def _resolve_image(value: str, base: Path) -> str | None:
@@ -268,14 +273,25 @@ def _write_chunk(engine: Engine, chunk: list[ImportRecord], report: ImportReport
 
 
 def import_file(
-    engine: Engine, path: Path, *, labeled: bool = True, progress: bool = False
+    engine: Engine,
+    path: Path,
+    *,
+    labeled: bool = True,
+    progress: bool = False,
+    image_roots: Sequence[Path] | None = None,
 ) -> ImportReport:
-    """Import ``path``; each chunk of rows commits on its own, so workers start early."""
+    """Import ``path``; each chunk of rows commits on its own, so workers start early.
+
+    Image paths are checked against ``image_roots`` (default SHELVER_IMAGE_ROOTS) by path
+    alone, so a file whose images the worker would refuse is known at import.
+    """
     report = ImportReport()
+    report.images = RootCheck(get_settings().image_roots if image_roots is None else image_roots)
     rows = valid_rows(read_products(path, labeled=labeled), report)
     with _progress(progress, path) as advance:
         chunk: list[ImportRecord] = []
         for row in rows:
+            report.images.add(row.image_uri)
             chunk.append(row)
             if len(chunk) >= CHUNK_ROWS:
                 _write_chunk(engine, chunk, report)
@@ -288,6 +304,11 @@ def import_file(
         "imported %s: %d inserted, %d updated, %d unchanged, %d rejected",
         path, report.inserted, report.updated, report.unchanged, len(report.rejected),
     )  # fmt: skip
+    if report.images.outside:
+        log.info(
+            "%d of %d local images in %s lie outside the image roots; %s would let them in",
+            report.images.outside, report.images.local, path, report.images.setting(),
+        )  # fmt: skip
     return report
 
 
