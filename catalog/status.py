@@ -1,4 +1,8 @@
-"""What ``shelver status`` reports: products by status, the queue, and the champion model."""
+"""What ``shelver status`` reports: products by status, the queue, and the champion model.
+
+Also the products classified without their image, by refusal reason, so a catalog that is
+quietly being classified from text alone shows it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from shelver.catalog.images import refused_images
 from shelver.catalog.models import PRODUCT_STATUSES
 
 
@@ -39,8 +44,10 @@ def catalog_status(engine: Engine) -> dict[str, Any]:
                 """
             )
         ).one_or_none()
+        refused = refused_images(conn)
     return {
         "products": {s: counts.get(s, 0) for s in PRODUCT_STATUSES},
+        "images_refused": {"total": sum(refused.values()), "by_reason": refused},
         "queue": {
             "depth": queue[0],
             "claimed": queue[1],
