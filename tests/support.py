@@ -96,7 +96,7 @@ def centroid_artifact(
         "labels": labels,
         "threshold": threshold,
         "encoders": {"text": text_encoder.identity, "image": image_encoder.identity},
-        "text_packing": "product_text",
+        "text_packing": "name. description",
         "text_dim": text_encoder.dim,
         "image_dim": d_img,
         "lexical": None,

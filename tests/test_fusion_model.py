@@ -10,15 +10,16 @@ import dataclasses
 import json
 import zipfile
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from shelver.training.evaluate import choose_threshold, evaluate, score
+from shelver.training.dataset import TrainingData
+from shelver.training.evaluate import choose_threshold, evaluate
 from shelver.training.export import check_parity, to_onnx
 from shelver.training.fit import (
     LinearModel,
-    TrainingData,
     TrainParams,
     choose_linear_weight,
     fit_linear,
@@ -28,6 +29,7 @@ from shelver.training.fit import (
     split_for,
     train,
 )
+from shelver.training.holdout import score_model
 from shelver.training.model import ModelShape, build_ensemble, build_model
 from shelver.worker.fusion import (
     ArtifactRejected,
@@ -36,6 +38,7 @@ from shelver.worker.fusion import (
     fusion_inputs,
     sha256_hex,
 )
+from shelver.worker.inputs import ModelInputs, ProductContent, UnknownTextPacking, pack_texts
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, analyze, fit_vocabulary
 
 LABELS = ["Cameras", "Phones", "Washers"]
@@ -63,7 +66,7 @@ def synthetic(n: int = 360, seed: int = 0) -> TrainingData:
         image_emb[i, k] += 2.0
     text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
     present = (rng.random(n) < 0.6).astype(np.float32)
-    return TrainingData(texts, text_emb, image_emb, present, labels, names=names)
+    return TrainingData(ModelInputs(texts, names, text_emb, image_emb, present), labels)
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +115,19 @@ def test_training_exports_an_artifact_that_matches_keras(trained):
     assert model.meta["lexical"]["terms"]  # vocabulary travels with the model
     assert {"lex_ids", "lex_weights"} <= set(model.meta["inputs"])
     assert model.vocabulary.reads_names and any(t.startswith("nw:") for t in model.vocabulary.terms)
+    # How the training texts were packed travels with the model, by name.
+    assert model.meta["text_packing"] == model.text_packing == "name. description"
     assert 0.0 <= result.metrics["linear_weight"] <= 1.0
     # Even four epochs learn this easy task: served predictions are mostly right.
     test = data.subset(result.split.test)
-    probs = model.predict_rows(test)
+    probs = model.predict(test.inputs)
     assert probs.shape == (len(test.labels), 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     accuracy = np.mean(
         [model.labels[k] == y for k, y in zip(probs.argmax(1), test.labels, strict=True)]
     )
     assert accuracy > 0.8
-    assert score(model, data, result.split.test)["accuracy"] == pytest.approx(accuracy)
+    assert score_model(model, data, result.split.test)["accuracy"] == pytest.approx(accuracy)
 
 
 def test_served_artifact_refits_the_linear_part_and_the_evaluated_one_is_kept(trained):
@@ -130,7 +135,7 @@ def test_served_artifact_refits_the_linear_part_and_the_evaluated_one_is_kept(tr
     assert result.eval_artifact and result.eval_artifact != result.artifact
     evaluated = FusionModel.from_artifact(result.eval_artifact, result.eval_sha256)
     # The test figures are the evaluated artifact's, not the refitted one's.
-    assert score(evaluated, data, result.split.test)["macro_f1"] == pytest.approx(
+    assert score_model(evaluated, data, result.split.test)["macro_f1"] == pytest.approx(
         result.metrics["test"]["macro_f1"]
     )
     served = FusionModel.from_artifact(result.artifact, result.sha256)
@@ -147,8 +152,9 @@ def test_refit_linear_is_the_fit_on_every_row():
     refitted = refit_linear(fitted, data)
     coef, bias = refitted.model.get_layer("linear").get_weights()
     # The network reads no bag, so the vocabulary is refitted on every row too.
-    assert refitted.vocabulary == fit_vocabulary(data.texts, fitted.vocabulary.params, data.names)
-    features = lexical_matrix(refitted.vocabulary, data.texts, data.names)
+    texts, names = data.inputs.texts, data.inputs.names
+    assert refitted.vocabulary == fit_vocabulary(texts, fitted.vocabulary.params, names)
+    features = lexical_matrix(refitted.vocabulary, texts, names)
     y = np.array([LABELS.index(label) for label in data.labels])
     cold, _ = fit_linear(features, y, num_classes=3, c=params.linear_c)
     np.testing.assert_allclose(
@@ -191,14 +197,50 @@ def test_tampered_artifact_is_rejected(trained):
         FusionModel.from_artifact(future, sha256_hex(future))
 
 
+def repackaged(artifact: bytes, **meta_changes) -> bytes:
+    """The artifact's model under changed meta, vouched for by its own new hash."""
+    with zipfile.ZipFile(BytesIO(artifact)) as archive:
+        meta = json.loads(archive.read("meta.json"))
+        onnx_bytes = archive.read("model.onnx")
+    buffer = BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("meta.json", json.dumps({**meta, **meta_changes}))
+        archive.writestr("model.onnx", onnx_bytes)
+    return buffer.getvalue()
+
+
+def test_a_model_packed_in_a_way_this_worker_does_not_know_is_refused(trained):
+    _, result, _ = trained
+    for packing in ("{description} / {name}", {"template": "{description}"}, None):
+        foreign = repackaged(result.artifact, text_packing=packing)
+        with pytest.raises(ArtifactRejected, match="text packing .* is not one this version"):
+            FusionModel.from_artifact(foreign, sha256_hex(foreign))
+    meta = {"labels": ["a"], "threshold": 0.5, "encoders": {}, "text_dim": 4, "image_dim": 4}
+    with pytest.raises(UnknownTextPacking):
+        build_artifact(b"onnx", {**meta, "text_packing": "shouted"})
+    product = ProductContent(1, "", "Canon EOS R50", "Mirrorless camera", None)
+    with pytest.raises(UnknownTextPacking):
+        pack_texts([product], "shouted")
+
+
+def test_the_bundled_models_unnamed_packing_reads_as_name_dot_description():
+    bundled = Path(__file__).resolve().parents[1] / "worker" / "default_model"
+    record = json.loads((bundled / "model.json").read_text())
+    model = FusionModel.from_artifact((bundled / "fusion.zip").read_bytes(), record["sha256"])
+    assert model.meta["text_packing"] == {"template": "{name}. {description}", "max_tokens": 256}
+    assert model.text_packing == "name. description"
+    product = ProductContent(1, "", "Canon EOS R50", "Mirrorless camera", None)
+    assert pack_texts([product], model.text_packing) == ["Canon EOS R50. Mirrorless camera"]
+
+
 def test_missing_image_is_served_from_text_alone(trained):
     data, result, _ = trained
     model = FusionModel.from_artifact(result.artifact, result.sha256)
-    rows = data.subset(np.arange(12))
-    absent = np.zeros(12, np.float32)
+    rows = data.inputs.subset(np.arange(12))
+    absent = dataclasses.replace(rows, image_present=np.zeros(12, np.float32))
     garbage = np.random.default_rng(1).normal(size=rows.image_emb.shape).astype(np.float32) * 100
-    a = model.predict(rows.text_emb, rows.image_emb, absent, rows.texts, rows.names)
-    b = model.predict(rows.text_emb, garbage, absent, rows.texts, rows.names)
+    a = model.predict(absent)
+    b = model.predict(dataclasses.replace(absent, image_emb=garbage))
     np.testing.assert_array_equal(a, b)  # whatever sits in image_emb, it is ignored
     assert np.isfinite(a).all()
 
@@ -213,13 +255,13 @@ def test_artifact_bytes_are_reproducible(trained):
 
 def test_linear_model_mixed_in_the_graph_matches_its_numpy_form():
     data = synthetic(n=90)
-    vocab = fit_vocabulary(data.texts, LexicalParams(min_df=1))
-    features = lexical_matrix(vocab, data.texts)
+    vocab = fit_vocabulary(data.inputs.texts, LexicalParams(min_df=1))
+    features = lexical_matrix(vocab, data.inputs.texts)
     y = np.array([LABELS.index(label) for label in data.labels])
     linear, _ = fit_linear(features, y, num_classes=3, c=10.0)
     mlp = build_model(ModelShape(num_classes=3, image_dim=IMAGE_DIM))
     mixed = build_ensemble(mlp, linear.coef, linear.bias, linear_weight=0.7)
-    feeds = fusion_inputs(vocab, data.texts, data.text_emb, data.image_emb, data.image_present)
+    feeds = fusion_inputs(vocab, data.inputs)
     expected = 0.7 * linear.predict_proba(features) + 0.3 * np.asarray(
         mlp.predict({k: feeds[k] for k in ("text_emb", "image_emb", "image_present")}, verbose=0)
     )
@@ -230,7 +272,7 @@ def test_linear_model_mixed_in_the_graph_matches_its_numpy_form():
 def test_binary_linear_model_keeps_scikit_learns_probabilities():
     data = synthetic(n=60)
     two = [i for i, label in enumerate(data.labels) if label != "Washers"]
-    texts = [data.texts[i] for i in two]
+    texts = [data.inputs.texts[i] for i in two]
     y = np.array([LABELS.index(data.labels[i]) for i in two])
     features = lexical_matrix(fit_vocabulary(texts, LexicalParams(min_df=1)), texts)
     linear, estimator = fit_linear(features, y, num_classes=3, c=1.0)

@@ -1,4 +1,4 @@
-"""Training data from the catalog: labeled products as arrays, embeddings via the cache.
+"""Training data: labeled model inputs, and how they are read from the catalog.
 
 Embeddings computed here are written to the cache as they are made, chunk by
 chunk, so a retraining or a re-score after it does not encode them again.
@@ -7,7 +7,7 @@ chunk, so a retraining or a re-score after it does not encode them again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,15 +15,38 @@ from sqlalchemy import Engine, text
 
 from shelver.catalog import embeddings
 from shelver.catalog.settings import Settings
-from shelver.training.fit import TrainingData
 from shelver.training.splits import title_prefix_groups
 from shelver.worker.encoders import ImageEncoder, TextEncoder
-from shelver.worker.featurize import ProductInput, embed_products
+from shelver.worker.featurize import embed_products
 from shelver.worker.images import ImageUsage
+from shelver.worker.inputs import DEFAULT_TEXT_PACKING, ModelInputs, ProductContent
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256
+
+
+@dataclass
+class TrainingData:
+    """Labeled model inputs, one label per row; ``groups`` keep near-duplicates together."""
+
+    inputs: ModelInputs
+    labels: list[str]
+    groups: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        sizes = {len(self.inputs), len(self.labels)}
+        if self.groups is not None:
+            sizes.add(len(self.groups))
+        if len(sizes) > 1:
+            raise ValueError(f"training data: inputs, labels and groups differ in rows: {sizes}")
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> TrainingData:
+        return TrainingData(
+            inputs=self.inputs.subset(rows),
+            labels=[self.labels[i] for i in rows],
+            groups=None if self.groups is None else [self.groups[i] for i in rows],
+        )
 
 
 @dataclass
@@ -34,7 +57,7 @@ class LabeledSet:
     images: ImageUsage
 
 
-def labeled_products(engine: Engine) -> list[tuple[ProductInput, str]]:
+def labeled_products(engine: Engine) -> list[tuple[ProductContent, str]]:
     with engine.connect() as conn:
         rows = conn.execute(
             text(
@@ -45,7 +68,7 @@ def labeled_products(engine: Engine) -> list[tuple[ProductInput, str]]:
                 """
             )
         )
-        return [(ProductInput(*r[:5]), r[5]) for r in rows]
+        return [(ProductContent(*r[:5]), r[5]) for r in rows]
 
 
 def load_labeled_set(
@@ -54,9 +77,13 @@ def load_labeled_set(
     image_encoder: ImageEncoder,
     settings: Settings,
     *,
+    text_packing: str = DEFAULT_TEXT_PACKING,
     progress: Callable[[int, int], None] | None = None,
 ) -> LabeledSet:
-    """Every labeled product as training arrays; ``progress(done, total)`` after each chunk."""
+    """Every labeled product as training data; ``progress(done, total)`` after each chunk.
+
+    Texts are packed by ``text_packing``; the model trained on them records it.
+    """
     rows = labeled_products(engine)
     if not rows:
         raise ValueError(
@@ -66,19 +93,17 @@ def load_labeled_set(
     for start in range(0, len(rows), CHUNK):
         chunk = [product for product, _ in rows[start : start + CHUNK]]
         with engine.begin() as conn:
-            features = embed_products(conn, chunk, text_encoder, image_encoder, settings)
+            features = embed_products(
+                conn, chunk, text_encoder, image_encoder, settings, text_packing=text_packing
+            )
             embeddings.put(conn, text_encoder.identity, features.new_text)
             embeddings.put(conn, image_encoder.identity, features.new_image)
         parts.append(features)
         if progress:
             progress(min(start + CHUNK, len(rows)), len(rows))
     data = TrainingData(
-        texts=[t for f in parts for t in f.texts],
-        text_emb=np.concatenate([f.text_emb for f in parts]),
-        image_emb=np.concatenate([f.image_emb for f in parts]),
-        image_present=np.concatenate([f.image_present for f in parts]),
+        inputs=ModelInputs.concat([f.inputs for f in parts]),
         labels=[label for _, label in rows],
-        names=[n for f in parts for n in f.names],
         # Near-identical titles stay on one side of the split, and each title's side is
         # stable from one run to the next (see training/splits.py).
         groups=title_prefix_groups([product.name for product, _ in rows]),

@@ -8,7 +8,8 @@ matrix, reliability diagram). Everything returned is JSON-able.
 API:
     metrics = evaluate(y_true, probs, labels, threshold=t, report_dir=path)
     t = choose_threshold(y_val, probs_val, labels, target_precision=0.97)
-    metrics = score(fusion_model, data, rows=None)   # an artifact on arrays, for the gate
+
+A packaged model is scored on labeled rows by ``training.holdout.score_model``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-if TYPE_CHECKING:
-    from shelver.training.fit import TrainingData
-    from shelver.worker.fusion import FusionModel
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +146,6 @@ def evaluate(
         rel_png = _plot_reliability(bins, ece, report_dir / f"{prefix}reliability.png")
         metrics["plots"] = {"confusion_matrix": str(cm_png), "reliability": str(rel_png)}
     return metrics
-
-
-def score(model: FusionModel, data: TrainingData, rows: Sequence[int] | None = None) -> dict:
-    """Score a packaged model on labelled arrays (the gate compares models this way).
-
-    ``rows`` restricts to e.g. the held-out test indices; the model's own threshold
-    gives the coverage figure.
-    """
-    if rows is not None:
-        data = data.subset(np.asarray(rows))
-    probs = model.predict_rows(data)
-    return evaluate(data.labels, probs, model.labels, threshold=model.threshold)
 
 
 def _plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> Path:

@@ -72,7 +72,7 @@ def export_artifact(
     fitted,
     feeds: dict[str, np.ndarray],
     threshold: float,
-    text_packing: dict,
+    text_packing: str,
     encoders: dict,
     extra_meta: dict | None = None,
 ) -> ExportedModel:

@@ -5,7 +5,7 @@ entry point the CLI and the scheduled retraining call. Reading rows from the cat
 and computing or caching embeddings happen before; registering the result after.
 
 API:
-    data = TrainingData(texts, text_emb, image_emb, image_present, labels, names=names)
+    data = TrainingData(ModelInputs(texts, names, text_emb, image_emb, image_present), labels)
     result = train(data, TrainParams(), report_dir=Path("reports/run-1"))
     result.artifact, result.sha256       # bytes for the registry, and their sha256
     result.metrics                       # JSON-able: test metrics + baseline side by side
@@ -17,14 +17,16 @@ The model is an ensemble: a logistic regression over the TF-IDF bag (convex, fit
 with scikit-learn, carried as plain weights inside the graph) mixed with the neural
 fusion model, 0.8 : 0.2 by default. See docs/training.md for why.
 
-``texts`` are the packed product texts (``worker.encoders.product_text``), the same
-strings the text embeddings were computed from; the lexical branch reads them too, and
-``names`` (the product names) feed its name block.
+``TrainingData`` (training/dataset.py) holds ``worker.inputs.ModelInputs``: the packed
+product texts, the same strings the text embeddings were computed from, which the
+lexical branch reads too, and the product names, which feed its name block. The
+artifact records how the texts were packed, and the worker packs them the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -34,44 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
+from shelver.training.baseline import fit_baseline
+from shelver.training.dataset import TrainingData
+from shelver.training.evaluate import choose_threshold, evaluate
+from shelver.training.export import export_artifact
 from shelver.training.splits import Split, stratified_split
-from shelver.worker.fusion import fusion_inputs
+from shelver.worker.fusion import FusionModel, fusion_inputs
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingData:
-    """Labelled rows as arrays, in one order; ``groups`` keep near-duplicates together."""
-
-    texts: list[str]
-    text_emb: np.ndarray  # (n, 384) float32, L2-normalized
-    image_emb: np.ndarray  # (n, D) float32, any value where image_present is 0
-    image_present: np.ndarray  # (n,) 0/1
-    labels: list[str]
-    groups: list[str] | None = None
-    # Product names, read by a lexical vocabulary with a name block (name_weight > 0).
-    names: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.labels)
-        sizes = {len(self.texts), len(self.text_emb), len(self.image_emb), len(self.image_present)}
-        if self.names is not None:
-            sizes.add(len(self.names))
-        if sizes != {n}:
-            raise ValueError(f"training data: all fields need {n} rows, got sizes {sorted(sizes)}")
-
-    def subset(self, rows: np.ndarray) -> TrainingData:
-        return TrainingData(
-            texts=[self.texts[i] for i in rows],
-            text_emb=self.text_emb[rows],
-            image_emb=self.image_emb[rows],
-            image_present=self.image_present[rows],
-            labels=[self.labels[i] for i in rows],
-            groups=None if self.groups is None else [self.groups[i] for i in rows],
-            names=None if self.names is None else [self.names[i] for i in rows],
-        )
 
 
 @dataclass
@@ -132,10 +105,7 @@ class TrainParams:
     target_precision: float = 0.97
     # Precision counted as if categories were equally common (training/evaluate.py).
     threshold_class_balanced: bool = True
-    # Recorded in the artifact so the worker packs text and picks encoders as trained.
-    text_packing: dict = field(
-        default_factory=lambda: {"template": "{name}. {description}", "max_tokens": 256}
-    )
+    # Recorded in the artifact so the worker picks encoders as trained.
     encoders: dict = field(default_factory=dict)
 
 
@@ -182,13 +152,6 @@ def lexical_matrix(vocabulary: LexicalVocabulary, texts: list[str], names: list[
     return sp.csr_matrix(
         (weights.ravel()[keep], (rows[keep], ids.ravel()[keep])),
         shape=(len(ids), vocabulary.size),
-    )
-
-
-def feeds_of(vocabulary: LexicalVocabulary | None, part: TrainingData) -> dict[str, np.ndarray]:
-    """The fusion graph's named inputs for ``part`` (``worker.fusion.fusion_inputs``)."""
-    return fusion_inputs(
-        vocabulary, part.texts, part.text_emb, part.image_emb, part.image_present, part.names
     )
 
 
@@ -283,12 +246,16 @@ def fit_model(
     # The vocabulary is fitted on train + validation texts (no labels), like the
     # baseline's TF-IDF, so the refitted linear model knows validation-only terms.
     rest = data.subset(np.concatenate([split.train, split.val]))
-    vocabulary = fit_vocabulary(rest.texts, params.lexical, rest.names) if params.lexical else None
+    vocabulary = (
+        fit_vocabulary(rest.inputs.texts, params.lexical, rest.inputs.names)
+        if params.lexical
+        else None
+    )
     neural_lexical = vocabulary is not None and (params.lexical_units > 0 or params.lexical_wide)
     shape = ModelShape(
         num_classes=len(labels),
-        image_dim=data.image_emb.shape[1],
-        text_dim=data.text_emb.shape[1],
+        image_dim=data.inputs.image_emb.shape[1],
+        text_dim=data.inputs.text_emb.shape[1],
         lexical_vocab_size=vocabulary.size if neural_lexical else 0,
         lexical_units=params.lexical_units,
         lexical_wide=params.lexical_wide,
@@ -302,7 +269,7 @@ def fit_model(
     )
 
     def feeds(part: TrainingData):
-        return feeds_of(vocabulary if neural_lexical else None, part)
+        return fusion_inputs(vocabulary if neural_lexical else None, part.inputs)
 
     one_hot = np.eye(len(labels), dtype=np.float32)
     large = len(split.train) > params.large_rows
@@ -345,15 +312,15 @@ def fit_model(
     weight = 0.0
     if params.linear_c is not None and vocabulary is not None:
         x_train, x_val = (
-            lexical_matrix(vocabulary, train.texts, train.names),
-            lexical_matrix(vocabulary, val.texts, val.names),
+            lexical_matrix(vocabulary, train.inputs.texts, train.inputs.names),
+            lexical_matrix(vocabulary, val.inputs.texts, val.inputs.names),
         )
         linear, estimator = fit_linear(x_train, y[split.train], len(labels), params.linear_c)
         linear_val = linear.predict_proba(x_val)
         weight = choose_linear_weight(y[split.val], linear_val, val_probs, params.linear_weights)
         val_probs = weight * linear_val + (1 - weight) * val_probs
         linear, estimator = fit_linear(
-            lexical_matrix(vocabulary, rest.texts, rest.names),
+            lexical_matrix(vocabulary, rest.inputs.texts, rest.inputs.names),
             np.concatenate([y[split.train], y[split.val]]),
             len(labels),
             params.linear_c,
@@ -390,12 +357,12 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
     y = np.array([index[label] for label in data.labels], dtype=np.int64)
     vocabulary, warm = fitted.vocabulary, fitted.linear_estimator
     if "lex_ids" not in {t.name for t in fitted.network.inputs}:
-        vocabulary = fit_vocabulary(data.texts, vocabulary.params, data.names)
+        vocabulary = fit_vocabulary(data.inputs.texts, vocabulary.params, data.inputs.names)
         warm = None  # other columns: nothing to start from
     elif set(np.unique(y)) != set(warm.classes_):
         warm = None  # a warm start needs the same classes
     linear, estimator = fit_linear(
-        lexical_matrix(vocabulary, data.texts, data.names),
+        lexical_matrix(vocabulary, data.inputs.texts, data.inputs.names),
         y,
         len(fitted.labels),
         float(fitted.linear_estimator.C),
@@ -409,7 +376,7 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
 
 def predict_keras(fitted: FittedModel, data: TrainingData, batch_size: int = 1024) -> np.ndarray:
     """Class probabilities (n, K) from the Keras model, columns in ``fitted.labels`` order."""
-    feeds = feeds_of(fitted.vocabulary, data)
+    feeds = fusion_inputs(fitted.vocabulary, data.inputs)
     return np.asarray(fitted.model.predict(feeds, batch_size=batch_size, verbose=0))
 
 
@@ -457,13 +424,6 @@ def train(
     Test metrics are computed from the ONNX artifact through ``FusionModel`` (what the
     worker will serve), not from Keras. ``report_dir`` receives the PNGs and metrics.json.
     """
-    import json
-
-    from shelver.training.baseline import fit_baseline
-    from shelver.training.evaluate import choose_threshold, evaluate
-    from shelver.training.export import export_artifact
-    from shelver.worker.fusion import FusionModel
-
     params = params or TrainParams()
     split = split_for(data, params)
     log.info(
@@ -483,23 +443,25 @@ def train(
         class_balanced=params.threshold_class_balanced,
     )
 
-    test_feeds = feeds_of(fitted.vocabulary, test)
+    test_feeds = fusion_inputs(fitted.vocabulary, test.inputs)
     exported = export_artifact(
         fitted,
         test_feeds,
         threshold,
-        text_packing=params.text_packing,
+        text_packing=data.inputs.text_packing,
         encoders=params.encoders,
         extra_meta={"target_precision": params.target_precision},
     )
     served = FusionModel.from_artifact(exported.artifact, exported.sha256)
-    test_probs = served.predict_rows(test)
+    test_probs = served.predict(test.inputs)
     test_metrics = evaluate(test.labels, test_probs, fitted.labels, threshold, report_dir)
 
     started = time.perf_counter()
     rest = data.subset(np.concatenate([split.train, split.val]))
-    baseline = fit_baseline(rest.texts, rest.labels, seed=params.seed)
-    baseline_probs = _aligned(baseline.predict_proba(test.texts), baseline.labels, fitted.labels)
+    baseline = fit_baseline(rest.inputs.texts, rest.labels, seed=params.seed)
+    baseline_probs = _aligned(
+        baseline.predict_proba(test.inputs.texts), baseline.labels, fitted.labels
+    )
     baseline_metrics = evaluate(test.labels, baseline_probs, fitted.labels)
     baseline_metrics["seconds"] = time.perf_counter() - started
 
@@ -533,9 +495,9 @@ def train(
         refitted = refit_linear(fitted, data)
         serving = export_artifact(
             refitted,
-            feeds_of(refitted.vocabulary, test),  # its own term ids
+            fusion_inputs(refitted.vocabulary, test.inputs),  # its own term ids
             threshold,
-            text_packing=params.text_packing,
+            text_packing=data.inputs.text_packing,
             encoders=params.encoders,
             extra_meta={
                 "target_precision": params.target_precision,

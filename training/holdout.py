@@ -18,11 +18,13 @@ from sqlalchemy import Engine
 
 from shelver.catalog.importer import ImportRecord, ImportReport, read_products, valid_rows
 from shelver.catalog.settings import Settings
+from shelver.training.dataset import TrainingData
 from shelver.training.evaluate import evaluate
 from shelver.worker.encoders import load_encoders
-from shelver.worker.featurize import ProductInput, embed_products
+from shelver.worker.featurize import embed_products
 from shelver.worker.fusion import FusionModel
 from shelver.worker.images import ImageUsage
+from shelver.worker.inputs import ProductContent
 
 
 def score_predictions(
@@ -42,11 +44,16 @@ def score_predictions(
     return metrics
 
 
-def score_model(model: FusionModel, data: Any, rows: Sequence[int] | None = None) -> dict:
-    """Score ``model`` on training arrays (``training.fit.TrainingData``), optionally a subset."""
+def score_model(
+    model: FusionModel, data: TrainingData, rows: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Score ``model`` on labeled inputs, or on ``rows`` of them (e.g. the test split).
+
+    The gate compares models this way; the model's own threshold gives the coverage.
+    """
     if rows is not None:
         data = data.subset(np.asarray(rows))
-    probs = model.predict_rows(data)
+    probs = model.predict(data.inputs)
     return score_predictions(data.labels, probs, model.labels, model.threshold)
 
 
@@ -66,11 +73,14 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
     if not rows:
         raise ValueError(f"{path}: no labeled rows to evaluate")
     text_encoder, image_encoder = load_encoders(settings.model_dir)
+    # Not in the catalog: no id (made-up negative ones) and no content hash to cache under.
     products = [
-        ProductInput(-(i + 1), "", r.name, r.description, r.image_uri) for i, r in enumerate(rows)
+        ProductContent(-(i + 1), "", r.name, r.description, r.image_uri) for i, r in enumerate(rows)
     ]
-    features = embed_products(None, products, text_encoder, image_encoder, settings)
-    probs = model.predict_rows(features)
+    features = embed_products(
+        None, products, text_encoder, image_encoder, settings, text_packing=model.text_packing
+    )
+    probs = model.predict(features.inputs)
     metrics = score_predictions([r.category for r in rows], probs, model.labels, model.threshold)
     metrics["images"] = features.images.as_dict()
     metrics["warnings"] = [w for w in [features.images.text_only_warning()] if w]

@@ -23,28 +23,14 @@ from shelver.catalog import embeddings as cache
 from shelver.catalog import queue
 from shelver.catalog.categories import category_ids, ensure_categories
 from shelver.catalog.images import image_not_used
-from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
-from shelver.worker.featurize import ProductInput, embed_products
+from shelver.worker.encoders import ImageEncoder, TextEncoder
+from shelver.worker.featurize import embed_products
 from shelver.worker.images import ImageSettings, ImageUsage
+from shelver.worker.inputs import ProductContent
 
 log = logging.getLogger(__name__)
 
 TOP_K = 3
-
-
-@dataclass(frozen=True)
-class ProductRow:
-    """What the model sees of a product, and the content hash it was read at."""
-
-    id: int
-    name: str
-    description: str
-    image_uri: str | None
-    content_hash: str
-
-    @property
-    def text(self) -> str:
-        return product_text(self.name, self.description)
 
 
 @dataclass
@@ -76,7 +62,7 @@ class Classifier(Protocol):
     model_version_id: int
     threshold: float
 
-    def score(self, db: Session, rows: Sequence[ProductRow]) -> ScoredBatch: ...
+    def score(self, db: Session, rows: Sequence[ProductContent]) -> ScoredBatch: ...
 
 
 @dataclass
@@ -97,7 +83,7 @@ class BatchSummary:
 
 LOAD_SQL = text(
     """
-    SELECT id, name, description, image_uri, content_hash
+    SELECT id, content_hash, name, description, image_uri
     FROM products
     WHERE id = ANY(CAST(:ids AS bigint[]))
     ORDER BY id
@@ -107,8 +93,8 @@ LOAD_SQL = text(
 these products. What changes meanwhile is caught by the content hash at write time."""
 
 
-def load_rows(db: Session, product_ids: Sequence[int]) -> list[ProductRow]:
-    return [ProductRow(*row) for row in db.execute(LOAD_SQL, {"ids": list(product_ids)})]
+def load_rows(db: Session, product_ids: Sequence[int]) -> list[ProductContent]:
+    return [ProductContent(*row) for row in db.execute(LOAD_SQL, {"ids": list(product_ids)})]
 
 
 def top_k(probs: np.ndarray, labels: Sequence[str], k: int = TOP_K) -> list[dict]:
@@ -133,37 +119,32 @@ class FusionClassifier:
         self.model_version_id: int = champion.model_version_id
         self.threshold: float = champion.threshold
 
-    def score(self, db: Session, rows: Sequence[ProductRow]) -> ScoredBatch:
+    def score(self, db: Session, rows: Sequence[ProductContent]) -> ScoredBatch:
+        model = self.champion.model
         features = embed_products(
             db,
-            [ProductInput(r.id, r.content_hash, r.name, r.description, r.image_uri) for r in rows],
+            rows,
             self.text_encoder,
             self.image_encoder,
             self.image_settings,
+            text_packing=model.text_packing,
         )
-        texts, present = features.texts, features.image_present
+        texts, present = features.inputs.texts, features.inputs.image_present
         outcomes: list[Outcome] = []
         usable = []
         for i, row in enumerate(rows):
-            error = features.image_errors.get(row.id)
+            error = features.image_errors.get(row.product_id)
             note = image_not_used(error.reason, error.message) if error else None
             if not texts[i].strip() and not present[i]:
                 reason = "no usable text and no usable image"
                 if error:
                     reason += f" ({note})"
-                outcomes.append(Outcome(row.id, row.content_hash, failure=reason))
+                outcomes.append(Outcome(row.product_id, row.content_hash, failure=reason))
             else:
                 usable.append(i)
-                outcomes.append(Outcome(row.id, row.content_hash, note=note))
+                outcomes.append(Outcome(row.product_id, row.content_hash, note=note))
         if usable:
-            model = self.champion.model
-            probs = model.predict(
-                features.text_emb[usable],
-                features.image_emb[usable],
-                present[usable],
-                [texts[i] for i in usable],
-                [features.names[i] for i in usable],
-            )
+            probs = model.predict(features.inputs.subset(usable))
             for i, p in zip(usable, probs, strict=True):
                 best = int(np.argmax(p))
                 outcomes[i].category = model.labels[best]
@@ -234,11 +215,11 @@ columns, so this update does not queue the product again."""
 
 
 def write_results(
-    db: Session, rows: Sequence[ProductRow], scored: ScoredBatch, classifier: Classifier
+    db: Session, rows: Sequence[ProductContent], scored: ScoredBatch, classifier: Classifier
 ) -> BatchSummary:
     """Write a scored batch for the products that still have the content it was scored on."""
     summary = BatchSummary()
-    loaded = {row.id: row.content_hash for row in rows}
+    loaded = {row.product_id: row.content_hash for row in rows}
     locked = dict(db.execute(LOCK_SQL, {"ids": list(loaded)}).all())
     current = {pid for pid, h in loaded.items() if locked.get(pid) == h}
     summary.stale = len(loaded) - len(current)

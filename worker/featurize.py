@@ -15,7 +15,7 @@ import numpy as np
 
 from shelver.catalog.embeddings import CachedEmbedding, Executor, get_cached
 from shelver.worker.encoders import ImageEncoder, TextEncoder
-from shelver.worker.images import ImageRejected, ImageSettings, load_image
+from shelver.worker.images import ImageRejected, ImageSettings, ImageUsage, load_image
 from shelver.worker.inputs import ModelInputs, ProductContent, pack_texts
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,11 @@ class EmbeddedBatch:
     """Model inputs in the order of the products given, plus what to write to the cache."""
 
     inputs: ModelInputs
-    # product id -> "reason: message" for images that were given but not usable
-    image_errors: dict[int, str] = field(default_factory=dict)
+    # product id -> why the image it gave is not used
+    image_errors: dict[int, ImageRejected] = field(default_factory=dict)
     new_text: list[CachedEmbedding] = field(default_factory=list)
     new_image: list[CachedEmbedding] = field(default_factory=list)
+    images: ImageUsage = field(default_factory=ImageUsage)
 
 
 def embed_products(
@@ -112,4 +113,5 @@ def embed_products(
     if errors:
         log.info("%s; the refused use text alone", images.describe())
     names = [(p.name or "").strip() for p in products]
-    return Features(texts, text_emb, image_emb, present, names, errors, new_text, new_image, images)
+    inputs = ModelInputs(texts, names, text_emb, image_emb, present, text_packing)
+    return EmbeddedBatch(inputs, errors, new_text, new_image, images)

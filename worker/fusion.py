@@ -8,17 +8,19 @@ An artifact is a zip (stdlib ``zipfile``) of two members:
 - ``meta.json``: everything else needed to serve it — ``format_version``, ``labels``
   (column order of the output), ``threshold`` (auto-accept confidence), ``encoders``
   (identities of the text/image encoders whose embeddings it expects), ``text_packing``
-  (how name and description become the encoded text), ``text_dim``/``image_dim``,
-  ``inputs`` and ``lexical`` (vocabulary, idf and analyzer parameters, or null).
+  (how name and description become the encoded text: a name in
+  ``worker.inputs.TEXT_PACKINGS``), ``text_dim``/``image_dim``, ``inputs`` and
+  ``lexical`` (vocabulary, idf and analyzer parameters, or null).
 
 Nothing is unpickled, and the bytes are checked against the sha256 the registry
-recorded before anything inside them is parsed.
+recorded before anything inside them is parsed. A model whose text packing this
+worker does not know is refused: it would be fed texts it was not trained on.
 
 API:
     data = build_artifact(onnx_bytes, meta)                     # training side
     model = FusionModel.from_artifact(data, expected_sha256)    # worker side
-    probs = model.predict(text_emb, image_emb, image_present, texts)   # (n, K)
-    model.labels, model.threshold, model.meta
+    probs = model.predict(inputs)        # a worker.inputs.ModelInputs -> (n, K)
+    model.labels, model.threshold, model.text_packing, model.meta
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import io
 import json
 import logging
 import zipfile
-from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
+from shelver.worker.inputs import ModelInputs, UnknownTextPacking, text_packing_name
 from shelver.worker.lexical import LexicalVocabulary
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ def build_artifact(onnx_bytes: bytes, meta: dict) -> bytes:
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
         raise ValueError(f"artifact meta lacks {missing}")
+    text_packing_name(meta["text_packing"])
     meta = {"format_version": FORMAT_VERSION, **meta}
     buffer = io.BytesIO()
     # Fixed timestamps so the same model and meta always give the same bytes and hash.
@@ -74,29 +77,22 @@ def build_artifact(onnx_bytes: bytes, meta: dict) -> bytes:
 
 
 def fusion_inputs(
-    vocabulary: LexicalVocabulary | None,
-    texts: Sequence[str] | None,
-    text_emb: np.ndarray,
-    image_emb: np.ndarray,
-    image_present: np.ndarray,
-    names: Sequence[str] | None = None,
+    vocabulary: LexicalVocabulary | None, inputs: ModelInputs
 ) -> dict[str, np.ndarray]:
     """The named input arrays of the fusion graph; training feeds Keras with the same.
 
-    ``names`` (product names) are read only by a vocabulary with a name block.
+    The lexical ones (``lex_ids``, ``lex_weights``) only with a ``vocabulary``.
     """
-    present = np.asarray(image_present, dtype=np.float32).reshape(-1, 1)
+    present = inputs.image_present.reshape(-1, 1)
     feeds = {
-        "text_emb": np.asarray(text_emb, dtype=np.float32),
+        "text_emb": inputs.text_emb,
         # Zeroed where absent: whatever a caller leaves in a missing image's row must
         # not matter, and this makes Keras, ONNX and the embedding cache agree.
-        "image_emb": np.asarray(image_emb, dtype=np.float32) * present,
+        "image_emb": inputs.image_emb * present,
         "image_present": present,
     }
     if vocabulary is not None:
-        if texts is None:
-            raise ValueError("this model has a lexical branch: pass the packed texts")
-        feeds["lex_ids"], feeds["lex_weights"] = vocabulary.transform(texts, names)
+        feeds["lex_ids"], feeds["lex_weights"] = vocabulary.transform(inputs.texts, inputs.names)
     return feeds
 
 
@@ -108,6 +104,8 @@ class FusionModel:
         self.meta = meta
         self.labels: list[str] = list(meta["labels"])
         self.threshold: float = float(meta["threshold"])
+        # How the texts this model reads were packed (worker.inputs.TEXT_PACKINGS).
+        self.text_packing: str = text_packing_name(meta["text_packing"])
         lexical = meta.get("lexical")
         self.vocabulary = LexicalVocabulary.from_json(lexical) if lexical else None
         self._inputs = [i.name for i in session.get_inputs()]
@@ -140,6 +138,10 @@ class FusionModel:
         missing = [key for key in REQUIRED_META if key not in meta]
         if missing:
             raise ArtifactRejected(f"artifact meta lacks {missing}")
+        try:
+            text_packing_name(meta["text_packing"])
+        except UnknownTextPacking as exc:
+            raise ArtifactRejected(str(exc)) from exc
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
@@ -158,51 +160,23 @@ class FusionModel:
         log.info("fusion model loaded: %d classes, sha256 %s", len(model.labels), actual[:12])
         return model
 
-    def predict_rows(self, rows) -> np.ndarray:
-        """``predict`` on the fields of a ``worker.featurize.Features`` or a
-        ``training.fit.TrainingData`` (text_emb, image_emb, image_present, texts, names)."""
-        return self.predict(
-            rows.text_emb, rows.image_emb, rows.image_present, rows.texts, rows.names
-        )
-
-    def predict(
-        self,
-        text_emb: np.ndarray,
-        image_emb: np.ndarray,
-        image_present: np.ndarray,
-        texts: Sequence[str] | None = None,
-        names: Sequence[str] | None = None,
-    ) -> np.ndarray:
+    def predict(self, inputs: ModelInputs) -> np.ndarray:
         """Class probabilities (n, K), columns in ``self.labels`` order.
 
         Rows without an image need ``image_present`` 0; their ``image_emb`` is ignored.
-        ``texts`` are the packed product texts and ``names`` the product names; a model
-        with a lexical branch needs the texts, and the names too if it reads them.
         """
-        text_emb = np.asarray(text_emb, dtype=np.float32)
-        image_emb = np.asarray(image_emb, dtype=np.float32)
-        n = len(text_emb)
-        if text_emb.ndim != 2 or text_emb.shape[1] != self.meta["text_dim"]:
-            raise ValueError(f"text_emb must be (n, {self.meta['text_dim']}), got {text_emb.shape}")
-        if image_emb.shape != (n, self.meta["image_dim"]):
+        n = len(inputs)
+        if inputs.text_emb.shape[1] != self.meta["text_dim"]:
             raise ValueError(
-                f"image_emb must be ({n}, {self.meta['image_dim']}), got {image_emb.shape}"
+                f"text_emb must be (n, {self.meta['text_dim']}), got {inputs.text_emb.shape}"
             )
-        present = np.asarray(image_present, dtype=np.float32).reshape(-1)
-        if len(present) != n or any(x is not None and len(x) != n for x in (texts, names)):
+        if inputs.image_emb.shape[1] != self.meta["image_dim"]:
             raise ValueError(
-                "text_emb, image_emb, image_present, texts and names need the same rows"
+                f"image_emb must be (n, {self.meta['image_dim']}), got {inputs.image_emb.shape}"
             )
         out = np.empty((n, len(self.labels)), dtype=np.float32)
         for start in range(0, n, PREDICT_CHUNK):
             rows = slice(start, start + PREDICT_CHUNK)
-            feeds = fusion_inputs(
-                self.vocabulary,
-                None if texts is None else texts[rows],
-                text_emb[rows],
-                image_emb[rows],
-                present[rows],
-                None if names is None else names[rows],
-            )
+            feeds = fusion_inputs(self.vocabulary, inputs.subset(rows))
             out[rows] = self._session.run(None, {k: feeds[k] for k in self._inputs})[0]
         return out
