@@ -30,6 +30,7 @@ from shelver.catalog.embedded import create_database, embedded_services
 from shelver.catalog.importer import import_file
 from shelver.catalog.migrate import upgrade
 from shelver.catalog.settings import Settings, libpq_url, sqlalchemy_url
+from shelver.worker.errors import EncoderUnavailable
 
 if TYPE_CHECKING:
     from shelver.training.pipeline import TrainOutcome
@@ -187,7 +188,7 @@ def services(settings: Settings) -> Iterator[tuple[str, str, bool]]:
 
 
 def encoders_ready(model_dir: Path) -> bool:
-    from shelver.worker.encoders import EncoderUnavailable, load_encoders
+    from shelver.worker.encoders import load_encoders
 
     try:
         load_encoders(model_dir)

@@ -21,15 +21,13 @@ import onnxruntime as ort
 from PIL import Image
 from tokenizers import Tokenizer
 
+from shelver.worker.errors import EncoderUnavailable
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 EXPORT_COMMAND = "shelver encoders export"
-
-
-class EncoderUnavailable(RuntimeError):
-    """The exported encoders are missing, altered or unreadable; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from shelver.worker.cli import (
     worker,
 )
 from shelver.worker.cli.terminal import UserError, err_console
+from shelver.worker.errors import EncoderUnavailable
 
 app = typer.Typer(
     help="Shelver keeps a product catalog categorized by itself.",
@@ -64,8 +65,6 @@ def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from shelver.worker.encoders import EncoderUnavailable
-
     try:
         app()
     except (UserError, SettingsError, DatabaseNotAvailableError, EncoderUnavailable) as exc:

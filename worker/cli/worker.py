@@ -30,7 +30,7 @@ def run_worker(
 ) -> None:
     """Run a Celery worker: encoders and the champion load once per process."""
     # onnxruntime and Celery come with the worker extra.
-    from shelver.worker.encoders import EncoderUnavailable
+    from shelver.worker.errors import EncoderUnavailable
     from shelver.worker.runtime import check_encoders
 
     settings = get_settings()
