@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     args = parser.parse_args()
     data = load(args.dataset)
-    data.groups = title_prefix_groups(data.names)  # what training/dataset.py passes
+    data.groups = title_prefix_groups(data.inputs.names)  # what training/dataset.py passes
     print("seed  held  baseline  deployed  evaluated  train_s")
     diffs = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -45,11 +45,11 @@ def main() -> None:
         result = train(given, TrainParams())
         served = FusionModel.from_artifact(result.artifact, result.sha256)
         evaluated = FusionModel.from_artifact(result.eval_artifact, result.eval_sha256)
-        baseline = fit_baseline(given.texts, given.labels, seed=seed)
+        baseline = fit_baseline(given.inputs.texts, given.labels, seed=seed)
 
-        ours = macro_f1(held.labels, served.labels, served.predict_rows(held))
-        before_refit = macro_f1(held.labels, evaluated.labels, evaluated.predict_rows(held))
-        base = macro_f1(held.labels, baseline.labels, baseline.predict_proba(held.texts))
+        ours = macro_f1(held.labels, served.labels, served.predict(held.inputs))
+        before_refit = macro_f1(held.labels, evaluated.labels, evaluated.predict(held.inputs))
+        base = macro_f1(held.labels, baseline.labels, baseline.predict_proba(held.inputs.texts))
         diffs.append(ours - base)
         print(
             f"{seed:4d} {len(held.labels):5d} {base:9.4f} {ours:9.4f} {before_refit:10.4f} "

@@ -40,11 +40,16 @@ def main() -> None:
         y = np.array([labels.index(label) for label in data.labels])
         rest_rows = np.concatenate([split.train, split.val])
         rest, test = data.subset(rest_rows), data.subset(split.test)
-        vocabulary = fit_vocabulary(rest.texts, lexical, rest.names)
+        vocabulary = fit_vocabulary(rest.inputs.texts, lexical, rest.inputs.names)
         linear, _ = fit_linear(
-            lexical_matrix(vocabulary, rest.texts, rest.names), y[rest_rows], len(labels), 10.0
+            lexical_matrix(vocabulary, rest.inputs.texts, rest.inputs.names),
+            y[rest_rows],
+            len(labels),
+            10.0,
         )
-        p_linear = linear.predict_proba(lexical_matrix(vocabulary, test.texts, test.names))
+        p_linear = linear.predict_proba(
+            lexical_matrix(vocabulary, test.inputs.texts, test.inputs.names)
+        )
         p_network = predict_keras(fitted, test)
         row = [
             f1_score(y[split.test], (w * p_linear + (1 - w) * p_network).argmax(1), average="macro")

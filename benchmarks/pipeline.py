@@ -46,6 +46,7 @@ from shelver.catalog.settings import Settings, libpq_url, sqlalchemy_url  # noqa
 from shelver.worker.encoders import load_encoders, product_text  # noqa: E402
 from shelver.worker.fusion import FusionModel, sha256_hex  # noqa: E402
 from shelver.worker.images import ImageRejected, load_image  # noqa: E402
+from shelver.worker.inputs import ModelInputs  # noqa: E402
 
 
 def products(n: int, offset: int = 0) -> list[dict]:
@@ -87,7 +88,7 @@ def bare(model_dir: Path, rows: list[dict], artifact: bytes) -> dict:
         if images:
             image_emb[where] = image_encoder.encode(images)
             present[where] = 1
-        model.predict(text_emb, image_emb, present, texts, [r["name"] for r in batch])
+        model.predict(ModelInputs(texts, [r["name"] for r in batch], text_emb, image_emb, present))
     elapsed = time.perf_counter() - started
     return {
         "rows": len(rows),

@@ -40,6 +40,7 @@ from support import centroid_artifact, training_titles  # noqa: E402
 from shelver.catalog.embeddings import CachedEmbedding, put  # noqa: E402
 from shelver.worker.encoders import load_encoders, product_text  # noqa: E402
 from shelver.worker.fusion import FusionModel, sha256_hex  # noqa: E402
+from shelver.worker.inputs import ModelInputs  # noqa: E402
 
 
 def pricerunner(n: int) -> list[dict]:
@@ -111,7 +112,8 @@ def main() -> None:
         batch = vectors[i : i + 256]
         texts = [product_text(r["name"], r["description"]) for r in rows[i : i + 256]]
         names = [r["name"] for r in rows[i : i + 256]]
-        model.predict(batch, images[: len(batch)], np.zeros(len(batch), np.float32), texts, names)
+        absent = np.zeros(len(batch), np.float32)
+        model.predict(ModelInputs(texts, names, batch, images[: len(batch)], absent))
     elapsed = time.perf_counter() - started
     report["fusion_only_rows_per_s"] = round(len(rows) / elapsed)
 

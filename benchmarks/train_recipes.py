@@ -36,8 +36,10 @@ from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 from shelver.training.baseline import fit_baseline  # noqa: E402
-from shelver.training.fit import TrainingData, TrainParams, fit_model, predict_keras, split_for  # noqa: E402
+from shelver.training.dataset import TrainingData  # noqa: E402
+from shelver.training.fit import TrainParams, fit_model, predict_keras, split_for  # noqa: E402
 from shelver.training.splits import Split, stratified_split, title_prefix_groups  # noqa: E402
+from shelver.worker.inputs import ModelInputs  # noqa: E402
 from shelver.worker.lexical import LexicalParams  # noqa: E402
 
 DATA = Path(os.environ.get("SHELVER_BENCH_DATA", "/work/shared/data"))
@@ -131,14 +133,11 @@ def load(dataset: str, grouped: bool = False) -> TrainingData:
     rows = read_rows(dataset)
     texts = [pack(r["name"], r["description"]) for r in rows]
     image_emb, present = image_embeddings(dataset, rows)
+    names = [r["name"] for r in rows]
     return TrainingData(
-        texts=texts,
-        text_emb=text_embeddings(dataset, texts),
-        image_emb=image_emb,
-        image_present=present,
+        inputs=ModelInputs(texts, names, text_embeddings(dataset, texts), image_emb, present),
         labels=[r["category"] for r in rows],
-        groups=title_prefix_groups([r["name"] for r in rows]) if grouped else None,
-        names=[r["name"] for r in rows],
+        groups=title_prefix_groups(names) if grouped else None,
     )
 
 
@@ -146,9 +145,9 @@ def heldout_split(dataset: str, data: TrainingData, seed: int) -> Split:
     """The hidden held-out part's protocol (module docstring), on the rows we have."""
     y, rows = np.asarray(data.labels), np.arange(len(data.labels))
     if dataset == "pricerunner":
-        groups = data.groups or title_prefix_groups(data.names or data.texts)
+        groups = data.groups or title_prefix_groups(data.inputs.names)
         return stratified_split(data.labels, 0.2, 0.15, seed, groups=groups)
-    pool = rows[data.image_present > 0] if dataset == "bestbuy" else rows
+    pool = rows[data.inputs.image_present > 0] if dataset == "bestbuy" else rows
     _, test = train_test_split(pool, test_size=0.2, stratify=y[pool], random_state=seed)
     rest = np.setdiff1d(rows, test)
     train, val = train_test_split(rest, test_size=0.15, stratify=y[rest], random_state=seed)
@@ -177,8 +176,8 @@ def main() -> None:
             test = data.subset(split.test)
             rest = data.subset(np.concatenate([split.train, split.val]))
             started = time.perf_counter()
-            baseline = fit_baseline(rest.texts, rest.labels, seed=seed)
-            predicted = baseline.predict(test.texts)
+            baseline = fit_baseline(rest.inputs.texts, rest.labels, seed=seed)
+            predicted = baseline.predict(test.inputs.texts)
             scores.setdefault((dataset, "baseline_tfidf_lr"), []).append(
                 f1_score(test.labels, predicted, average="macro")
             )
