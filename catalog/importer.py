@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from shelver.catalog.categories import category_ids, ensure_categories
 from shelver.catalog.images import RootCheck
@@ -65,6 +65,8 @@ class ImportReport:
     # The imported rows' local images against SHELVER_IMAGE_ROOTS: those outside will be
     # refused by the worker, and ``images.setting()`` is what would let them in.
     images: RootCheck = field(default_factory=lambda: RootCheck([]))
+    # The import_batches row this run's inserted and changed products carry.
+    batch_id: int | None = None
 
 
 def _resolve_image(value: str, base: Path) -> str | None:
@@ -224,11 +226,14 @@ def valid_rows(
 
 # Upsert by sku. The WHERE clause makes an unchanged row a no-op, so it fires
 # no trigger work and is counted as unchanged. A label a person gave in review
-# is not overwritten by an import.
+# is not overwritten by an import. A new or changed row belongs to this run's import
+# batch, which the review queue filters on.
 UPSERT_SQL = """
-INSERT INTO products AS p (sku, name, description, image_uri, label_id, label_source)
+INSERT INTO products AS p
+    (sku, name, description, image_uri, label_id, label_source, import_batch_id)
 VALUES %s
 ON CONFLICT (sku) DO UPDATE SET
+    import_batch_id = EXCLUDED.import_batch_id,
     name = EXCLUDED.name,
     description = EXCLUDED.description,
     image_uri = EXCLUDED.image_uri,
@@ -259,6 +264,7 @@ def _write_chunk(engine: Engine, chunk: list[ImportRecord], report: ImportReport
                 r.image_uri,
                 ids.get(r.category) if r.category else None,
                 "import" if r.category else None,
+                report.batch_id,
             )
             for r in chunk
         ]
@@ -285,7 +291,7 @@ def import_file(
     Image paths are checked against ``image_roots`` (default SHELVER_IMAGE_ROOTS) by path
     alone, so a file whose images the worker would refuse is known at import.
     """
-    report = ImportReport()
+    report = ImportReport(batch_id=_start_batch(engine, path))
     report.images = RootCheck(get_settings().image_roots if image_roots is None else image_roots)
     rows = valid_rows(read_products(path, labeled=labeled), report)
     with _progress(progress, path) as advance:
@@ -310,6 +316,14 @@ def import_file(
             report.images.outside, report.images.local, path, report.images.setting(),
         )  # fmt: skip
     return report
+
+
+def _start_batch(engine: Engine, path: Path) -> int:
+    with engine.begin() as conn:
+        return conn.execute(
+            text("INSERT INTO import_batches (source) VALUES (:source) RETURNING id"),
+            {"source": str(path)},
+        ).scalar_one()
 
 
 @contextmanager

@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     target_precision: float = Field(
         0.97, description="Precision the auto-accept threshold is chosen for."
     )
+    audit_rate: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Share of auto-accepted products set aside for a person to audit "
+        "(0 to 1; e.g. 0.1 for a new model, 0.01 for a proven one).",
+    )
+    session_minutes: int = Field(
+        480, gt=0, description="A web sign-in lasts this long; then the user signs in again."
+    )
     promote_min_improvement: float = Field(
         0.005, description="Macro-F1 gain over the champion a candidate needs to be promoted."
     )

@@ -1,1 +1,1 @@
-"""The merchandisers' web application: review queue, audits, dashboard and registry (`shelver serve`)."""
+"""The merchandisers' web application (`shelver serve`): review, audit, dashboard, registry."""

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from shelver.catalog.categories import category_ids, ensure_categories
@@ -164,29 +164,42 @@ class ReviewError(ValueError):
     """A correction names an unknown product or category."""
 
 
-def record_review(engine: Engine, sku: str, category: str) -> None:
-    """A person's verdict: the label, and the product no longer waits for review.
+REVIEW_SQL = text(
+    """
+    UPDATE products
+    SET label_id = :category_id, label_source = 'review', labeled_by = :labeled_by,
+        status = CASE WHEN status = 'needs_review' THEN 'classified' ELSE status END
+    WHERE sku = :sku
+    RETURNING id
+    """
+)
+"""A person's verdict on one product; row lock on it until the caller commits."""
+
+
+def apply_review(
+    conn: Connection, sku: str, category: str, *, labeled_by: int | None = None
+) -> int:
+    """A person's verdict, in the caller's transaction: the label, who gave it, and the
+    product no longer waits for review. Returns the product's id.
 
     The status becomes ``classified`` because a person has now decided; the
     model's own prediction stays as it was, for the record and for evaluation.
+    ``labeled_by`` is the web user who decided (None from the terminal).
     """
+    category_id = conn.execute(
+        text("SELECT id FROM categories WHERE name = :n"), {"n": category}
+    ).scalar_one_or_none()
+    if category_id is None:
+        raise ReviewError(f"unknown category {category!r}")
+    product_id = conn.execute(
+        REVIEW_SQL, {"category_id": category_id, "sku": sku, "labeled_by": labeled_by}
+    ).scalar_one_or_none()
+    if product_id is None:
+        raise ReviewError(f"unknown sku {sku!r}")
+    return product_id
+
+
+def record_review(engine: Engine, sku: str, category: str) -> None:
+    """``apply_review`` in a transaction of its own."""
     with engine.begin() as conn:
-        category_id = conn.execute(
-            text("SELECT id FROM categories WHERE name = :n"), {"n": category}
-        ).scalar_one_or_none()
-        if category_id is None:
-            raise ReviewError(f"unknown category {category!r}")
-        updated = conn.execute(
-            text(
-                """
-                UPDATE products
-                SET label_id = :category_id, label_source = 'review',
-                    status = CASE WHEN status = 'needs_review' THEN 'classified' ELSE status END
-                WHERE sku = :sku
-                RETURNING id
-                """
-            ),
-            {"category_id": category_id, "sku": sku},
-        ).first()
-        if updated is None:
-            raise ReviewError(f"unknown sku {sku!r}")
+        apply_review(conn, sku, category)
