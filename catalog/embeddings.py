@@ -14,10 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import Connection, text
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
-
-from shelver.catalog.models import Embedding
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +86,21 @@ def get_cached(
     return found
 
 
+_INSERT = text(
+    """
+    INSERT INTO embeddings (product_id, encoder, content_hash, dim, vector)
+    SELECT x.product_id, :encoder, x.content_hash, x.dim, x.vector
+    FROM unnest(CAST(:product_ids AS bigint[]), CAST(:content_hashes AS text[]),
+                CAST(:dims AS integer[]), CAST(:vectors AS bytea[]))
+         AS x(product_id, content_hash, dim, vector)
+    ON CONFLICT (product_id, encoder, content_hash) DO NOTHING
+    RETURNING product_id
+    """
+)
+"""New cache rows only. ON CONFLICT DO NOTHING waits on, and then skips, a row another
+transaction is inserting under the same key; it takes no lock on rows already there."""
+
+
 def put(
     conn: Executor,
     encoder: str,
@@ -100,7 +112,7 @@ def put(
     at once, write nothing new instead of failing: the same encoder on the same content gives
     the same vector. Returns how many rows were new.
     """
-    values = []
+    values: list[tuple[int, str, int, bytes]] = []
     for item in rows:
         row = item if isinstance(item, CachedEmbedding) else CachedEmbedding(*item)
         vector = np.asarray(row.vector)
@@ -109,25 +121,20 @@ def put(
                 f"refusing to cache a non-finite or non-1-d vector for product {row.product_id}"
             )
         values.append(
-            {
-                "product_id": int(row.product_id),
-                "encoder": encoder,
-                "content_hash": row.content_hash,
-                "dim": int(vector.shape[0]),
-                "vector": to_bytes(vector),
-            }
+            (int(row.product_id), row.content_hash, int(vector.shape[0]), to_bytes(vector))
         )
-    table = Embedding.__table__
     inserted = 0
     # Chunked so a backfill-sized batch stays a handful of statements of bounded size.
     for start in range(0, len(values), PUT_CHUNK):
-        statement = (
-            insert(table)
-            .values(values[start : start + PUT_CHUNK])
-            .on_conflict_do_nothing(index_elements=["product_id", "encoder", "content_hash"])
-            .returning(table.c.product_id)
-        )
-        inserted += len(conn.execute(statement).all())
+        chunk = values[start : start + PUT_CHUNK]
+        params = {
+            "encoder": encoder,
+            "product_ids": [v[0] for v in chunk],
+            "content_hashes": [v[1] for v in chunk],
+            "dims": [v[2] for v in chunk],
+            "vectors": [v[3] for v in chunk],
+        }
+        inserted += len(conn.execute(_INSERT, params).all())
     return inserted
 
 

@@ -11,7 +11,10 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from shelver.catalog.images import refused_images
-from shelver.catalog.models import PRODUCT_STATUSES
+
+# The values products.status may take (its CHECK constraint, migrations/versions/0001),
+# so that a status no product has yet is shown with 0.
+PRODUCT_STATUSES = ("pending", "classified", "needs_review", "failed")
 
 
 def catalog_status(engine: Engine) -> dict[str, Any]:
