@@ -12,7 +12,7 @@ from rich.table import Table
 from shelver.catalog.db import get_engine
 from shelver.catalog.importer import ImportFormatError
 from shelver.catalog.settings import get_settings
-from shelver.worker.cli.terminal import UserError, console, fmt
+from shelver.worker.cli.terminal import UserError, console, err_console, fmt
 
 
 def evaluate_command(
@@ -32,6 +32,9 @@ def evaluate_command(
     metrics["rejected_rows"] = [
         {"line": r.line, "reason": r.reason} for r in result.rejected.rejected
     ]
+    # On stderr, so it reaches a person even when stdout is JSON for a program.
+    for warning in metrics["warnings"]:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
     if as_json:
         print(json.dumps(metrics, indent=2))
         return
@@ -49,3 +52,6 @@ def evaluate_command(
     console.print(table)
     if metrics["unknown_categories"]:
         console.print(f"categories the model does not know: {metrics['unknown_categories']}")
+    console.print(f"images: {result.images.describe()}")
+    if result.images.roots_setting and not metrics["warnings"]:
+        console.print(f"to let the images outside the roots in, set {result.images.roots_setting}")

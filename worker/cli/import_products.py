@@ -32,5 +32,14 @@ def import_products(
         f"{report.inserted} inserted, {report.updated} updated, {report.unchanged} unchanged, "
         f"{len(report.rejected)} rejected, {report.categories_created} new categories"
     )
+    images = report.images
+    if images.outside:
+        roots = ", ".join(str(root) for root in images.roots)
+        err_console.print(
+            f"[yellow]warning:[/yellow] {images.outside} of {images.local} images lie outside "
+            f"SHELVER_IMAGE_ROOTS ({roots}): they will be refused and those products classified "
+            "from text alone. To use them, run the worker and `shelver train` with "
+            f"{images.setting()}"
+        )
     if report.rejected:
         raise typer.Exit(1)

@@ -33,6 +33,13 @@ def status(
         f"queue: {queue['depth']} rows ({queue['claimed']} claimed), oldest pending "
         + (f"{age:.1f} s old" if age is not None else "none")
     )
+    refused = report["images_refused"]
+    if refused["total"]:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in refused["by_reason"].items())
+        console.print(
+            f"images refused: {refused['total']} products were last classified without their "
+            f"image ({reasons}); products.error says why for each"
+        )
     champion = report["champion"]
     console.print(
         f"champion: {champion['version']} (macro-F1 {champion.get('macro_f1')})"

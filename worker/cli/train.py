@@ -68,4 +68,11 @@ def print_training(outcome: TrainOutcome) -> None:
     console.print(f"{outcome.model.version}: {verdict}")
     for reason in outcome.decision.reasons if outcome.decision else []:
         console.print(f"  - {reason}")
+    images = outcome.images
+    console.print(f"images: {images.describe()}")
     console.print(f"report: {outcome.report_dir}")
+    warning = images.text_only_warning()
+    if warning:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
+    elif images.roots_setting:
+        console.print(f"to let the images outside the roots in, set {images.roots_setting}")
