@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         0.05, description="Largest per-class F1 drop a promoted candidate may have."
     )
     model_poll_seconds: float = Field(5.0, description="How often workers look for a new champion.")
+    ort_threads: int | None = Field(
+        None,
+        ge=1,
+        description="onnxruntime intra-op threads in each worker process, for the encoders and "
+        "the fusion model. Unset: `shelver worker` gives each pool process its share of the "
+        "cores (`--threads` overrides).",
+    )
     retrain_cron: str = Field("0 3 * * *", description="When `shelver beat` considers retraining.")
     retrain_min_new_labels: int = Field(
         100, description="Labels added or changed since the last run needed to retrain."

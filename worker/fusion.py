@@ -112,11 +112,12 @@ class FusionModel:
 
     @classmethod
     def from_artifact(
-        cls, data: bytes, expected_sha256: str, intra_op_threads: int = 1
+        cls, data: bytes, expected_sha256: str, intra_op_threads: int | None = None
     ) -> FusionModel:
         """Load an artifact after checking its bytes hash to ``expected_sha256``.
 
-        One intra-op thread by default: the graph is tiny and workers scale by process.
+        One intra-op thread unless told otherwise (a worker passes SHELVER_ORT_THREADS): the
+        graph is small and workers scale by process.
         """
         actual = sha256_hex(data)
         if actual != expected_sha256.lower():
@@ -143,7 +144,7 @@ class FusionModel:
         except UnknownTextPacking as exc:
             raise ArtifactRejected(str(exc)) from exc
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
+        options.intra_op_num_threads = intra_op_threads or 1
         options.inter_op_num_threads = 1
         try:
             session = ort.InferenceSession(

@@ -114,7 +114,13 @@ class Runtime:
 
     @classmethod
     def load(cls, engine: Engine, settings: Settings, model_dir: Path | None = None) -> Runtime:
-        text_encoder, image_encoder = load_encoders(model_dir or settings.model_dir)
+        text_encoder, image_encoder = load_encoders(
+            model_dir or settings.model_dir, intra_op_threads=settings.ort_threads
+        )
+        log.info(
+            "encoders loaded; onnxruntime intra-op threads per session: %d",
+            text_encoder.session.get_session_options().intra_op_num_threads,
+        )
         return cls(engine, settings, text_encoder, image_encoder)
 
     def champion(self) -> Champion | None:
@@ -161,7 +167,9 @@ class Runtime:
         model_version_id, version, sha256, threshold, artifact = row
         keeping = f"keeping {self._champion.version}" if self._champion else "no model in service"
         try:
-            model = FusionModel.from_artifact(bytes(artifact), sha256)
+            model = FusionModel.from_artifact(
+                bytes(artifact), sha256, intra_op_threads=self.settings.ort_threads
+            )
         except ArtifactRejected as exc:
             log.error(
                 "refusing champion %s (id %s): %s; %s", version, model_version_id, exc, keeping

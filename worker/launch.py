@@ -1,0 +1,67 @@
+"""Starting a Celery worker: its queues, pool processes, onnxruntime threads and node name.
+
+Settings reach the pool processes through the environment, so whatever pool Celery
+uses (forked or spawned), each process's Runtime reads the same SHELVER_ORT_THREADS.
+"""
+
+from __future__ import annotations
+
+import os
+
+from shelver.catalog.settings import Settings, reset_settings
+from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_QUEUE, QUEUES, app
+from shelver.worker.runtime import check_encoders
+
+# Celery expands %h to this host's name. The pid keeps several workers on one host apart;
+# a deployment that pings its worker by name (docker-compose's healthcheck) passes its own.
+DEFAULT_NODE_NAME = "shelver-{pid}@%h"
+# Queues whose tasks run the encoders: a worker consuming them needs them exported.
+ENCODER_QUEUES = frozenset({CLASSIFY_QUEUE, BACKFILL_QUEUE})
+
+
+class UnknownQueue(ValueError):
+    """A queue name Shelver does not have."""
+
+
+def ort_threads(settings: Settings, concurrency: int, requested: int | None = None) -> int:
+    """Intra-op threads per pool process: asked for, else SHELVER_ORT_THREADS, else a share.
+
+    Measured (docs/operations.md): one single-threaded process per core beats one process
+    with a thread per core, since decoding and DB round trips would leave the second core
+    idle between onnxruntime calls; so the default splits the cores among the processes.
+    """
+    return requested or settings.ort_threads or max(1, (os.cpu_count() or 1) // concurrency)
+
+
+def run_worker(
+    settings: Settings,
+    queues: set[str],
+    *,
+    concurrency: int | None = None,
+    pool: str = "prefork",
+    threads: int | None = None,
+    loglevel: str = "INFO",
+    name: str | None = None,
+) -> None:
+    """Run a Celery worker in this process until it is stopped (SIGTERM, as in production)."""
+    if not queues or queues - set(QUEUES):
+        raise UnknownQueue(f"queues are {', '.join(QUEUES)}; got {', '.join(sorted(queues))}")
+    settings.require_broker_url()
+    settings.require_database_url()
+    if queues & ENCODER_QUEUES:
+        check_encoders(settings.model_dir)
+    concurrency = concurrency or os.cpu_count() or 1
+    os.environ["SHELVER_ORT_THREADS"] = str(ort_threads(settings, concurrency, threads))
+    # Pool processes must read the environment just written, not settings cached before it.
+    reset_settings()
+    app.worker_main(
+        [
+            "worker",
+            "-Q", ",".join(sorted(queues)),
+            "-c", str(concurrency),
+            "-P", pool,
+            "-l", loglevel,
+            "-n", name or DEFAULT_NODE_NAME.format(pid=os.getpid()),
+            "--without-gossip", "--without-mingle",
+        ]
+    )  # fmt: skip
