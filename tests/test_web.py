@@ -417,3 +417,57 @@ def test_users_cannot_be_duplicated_or_given_unknown_roles(engine: Engine, users
     with engine.connect() as conn:
         stored = conn.execute(text("SELECT password_hash FROM users WHERE name = 'rita'")).scalar()
     assert stored.startswith("$argon2id$") and PASSWORD not in stored
+
+
+def test_users_add_takes_the_password_from_stdin_never_argv(
+    engine: Engine, database_url: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SHELVER_DATABASE_URL": database_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "shelver.worker", "users", "add", "eve", "--role", "admin"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "added eve (admin)" in done.stdout
+    assert PASSWORD not in done.stdout + done.stderr
+    assert auth.sign_in(engine, "eve", PASSWORD, "test", 5) is not None
+    short = subprocess.run(
+        [sys.executable, "-m", "shelver.worker", "users", "add", "mallory"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+
+
+def test_only_labels_people_gave_train(rita: TestClient, engine: Engine) -> None:
+    from shelver.training.dataset import labeled_products
+
+    ids = queue(engine)  # s1-s3 wait for review, s4 was auto-accepted by the model
+    token = page_csrf(rita)
+    rita.post(
+        "/review/verdict",
+        data={"csrf_token": token, "product_id": ids["s1"], "category": "Appliances"},
+    )
+    rita.post(
+        "/audit/verdict",
+        data={
+            "csrf_token": page_csrf(rita, "/audit"),
+            "product_id": ids["s4"],
+            "model_version_id": champion_id(engine),
+            "category": "Video Games",
+        },
+    )
+    trained_on = {product.name: label for product, label in labeled_products(engine)}
+    # The review and the audit confirmation train; the model's own predictions never do.
+    assert trained_on == {"Guitar strings": "Appliances", "Console": "Video Games"}

@@ -27,8 +27,10 @@ from shelver.worker.cli import (
     import_products,
     labels,
     models,
+    serve,
     status,
     train,
+    users,
     worker,
 )
 from shelver.worker.cli.terminal import UserError, err_console
@@ -56,6 +58,8 @@ app.command("evaluate")(evaluate.evaluate_command)
 # People in the loop.
 app.command("label")(labels.label)
 app.command("review")(labels.review)
+app.command("serve")(serve.serve)
+app.add_typer(users.app, name="users")
 app.command("demo")(demo.demo)
 
 
