@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError
 
 from shelver.training import registry
 
 
+def register(conn: Connection, version: str | None, macro_f1: float = 0.9) -> registry.ModelRecord:
+    return registry.register_candidate(
+        conn,
+        version=version,
+        artifact=b"artifact " + (version or "numbered").encode(),
+        sha256="0" * 64,
+        labels=["Audio", "Cameras"],
+        encoders={"text": "t", "image": "i"},
+        metrics={"test": {"macro_f1": macro_f1}},
+        threshold=0.8,
+    )
+
+
 def add(engine: Engine, version: str, macro_f1: float = 0.9) -> registry.ModelRecord:
     with engine.begin() as conn:
-        return registry.register_candidate(
-            conn,
-            version=version,
-            artifact=b"artifact " + version.encode(),
-            sha256="0" * 64,
-            labels=["Audio", "Cameras"],
-            encoders={"text": "t", "image": "i"},
-            metrics={"test": {"macro_f1": macro_f1}},
-            threshold=0.8,
-        )
+        return register(conn, version, macro_f1)
 
 
 def statuses(engine: Engine) -> dict[str, str]:
@@ -61,6 +68,57 @@ def test_rollback_restores_the_previous_champion(engine: Engine) -> None:
         engine.begin() as conn,
     ):
         registry.rollback(conn)
+
+
+def test_versions_are_numbered_after_the_highest_one(engine: Engine) -> None:
+    add(engine, "default-f3b50c1b")  # the bundled model's kind of name does not count
+    add(engine, "v1")
+    add(engine, "v7")
+    with engine.begin() as conn:
+        assert register(conn, None).version == "v8"
+
+
+def test_two_registrations_at_once_get_distinct_versions(engine: Engine) -> None:
+    """A manual `train` finishing while the scheduled retrain registers: both are kept."""
+    add(engine, "v1")
+    second: dict[str, object] = {}
+    started = threading.Event()
+
+    def register_second() -> None:
+        try:
+            with engine.begin() as conn:
+                second["backend"] = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                started.set()
+                second["record"] = register(conn, None)
+        except Exception as exc:
+            second["error"] = exc
+        finally:
+            started.set()
+
+    with engine.begin() as first_conn:
+        first = register(first_conn, None)
+        # The second registration starts while the first is not yet committed,
+        # and must get as far as it can before the first commits.
+        thread = threading.Thread(target=register_second)
+        thread.start()
+        assert started.wait(10) and "backend" in second, second
+        wait_until_blocked(engine, second["backend"])
+    thread.join(30)
+
+    assert "error" not in second, second.get("error")
+    assert {first.version, second["record"].version} == {"v2", "v3"}
+    assert set(statuses(engine)) == {"v1", "v2", "v3"}
+
+
+def wait_until_blocked(engine: Engine, backend: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            if conn.execute(text("SELECT pg_blocking_pids(:p)"), {"p": backend}).scalar():
+                return
+            conn.rollback()
+            time.sleep(0.02)
+    raise AssertionError(f"the second registration never waited for the first (backend {backend})")
 
 
 def test_promote_unknown_version_says_how_to_list(engine: Engine) -> None:

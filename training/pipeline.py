@@ -65,11 +65,6 @@ def _finish_run(engine: Engine, run_id: int, **values: object) -> None:
         )
 
 
-def _next_version(engine: Engine) -> str:
-    with engine.connect() as conn:
-        return f"v{conn.execute(text('SELECT count(*) + 1 FROM model_versions')).scalar_one()}"
-
-
 def train_and_register(
     engine: Engine,
     settings: Settings,
@@ -108,9 +103,10 @@ def train_and_register(
         candidate_scores = score_model(candidate_model, labeled.data, rows=test_rows)
         with engine.begin() as conn:
             current = registry.champion(conn)
+            # Numbered here, in the registering transaction, not before training:
+            # a run that started alongside another still gets a version of its own.
             record = registry.register_candidate(
                 conn,
-                version=_next_version(engine),
                 artifact=result.artifact,
                 sha256=result.sha256,
                 labels=list(result.labels),

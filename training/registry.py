@@ -44,10 +44,35 @@ def _record(row: Any) -> ModelRecord:
     return ModelRecord(*row)
 
 
+VERSION_LOCK_KEY = 0x5348_454C_5645_5201
+"""The ``pg_advisory_xact_lock`` key that registrations serialize on (any fixed number)."""
+
+NEXT_VERSION_SQL = text(
+    """
+    SELECT 'v' || (coalesce(max(CAST(substring(version FROM '^v([0-9]+)$') AS integer)), 0) + 1)
+    FROM model_versions
+    """
+)
+
+
+def _lock_versions(conn: Connection) -> None:
+    """Serialize registrations until this transaction ends.
+
+    The next version number is read from the committed rows; without the lock
+    two registrations running at once (a manual ``train`` during a scheduled
+    retrain) would read the same number and the second would fail on the
+    unique ``version`` after minutes of training. The lock is taken in its own
+    statement so the next one's snapshot already sees the previous holder's
+    commit (READ COMMITTED). An advisory lock, not a table lock: readers,
+    promotions and the workers' champion probe are never held up by it.
+    """
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": VERSION_LOCK_KEY})
+
+
 def register_candidate(
     conn: Connection,
     *,
-    version: str,
+    version: str | None = None,
     artifact: bytes,
     sha256: str,
     labels: list[str],
@@ -58,10 +83,20 @@ def register_candidate(
     eval_artifact: bytes | None = None,
     eval_sha256: str | None = None,
 ) -> ModelRecord:
-    """``eval_artifact`` is the artifact the model's test figures are of, when the one
-    that serves (``artifact``) has since seen the test rows; the gate scores it."""
+    """Add a ``candidate``; with no ``version`` it is numbered here, ``v1``, ``v2``, ...
+
+    The number is chosen under the registration lock, in the caller's
+    transaction, so concurrent registrations get distinct versions; a caller
+    that names its own version still takes the lock, so it cannot race with
+    the numbering either. ``eval_artifact`` is the artifact the model's test
+    figures are of, when the one that serves (``artifact``) has since seen the
+    test rows; the gate scores it.
+    """
     if eval_artifact == artifact:
         eval_artifact = eval_sha256 = None  # nothing was refitted: one copy is enough
+    _lock_versions(conn)
+    if version is None:
+        version = conn.execute(NEXT_VERSION_SQL).scalar_one()
     row = conn.execute(
         text(
             f"""
