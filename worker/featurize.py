@@ -113,5 +113,12 @@ def embed_products(
     if errors:
         log.info("%s; the refused use text alone", images.describe())
     names = [(p.name or "").strip() for p in products]
-    inputs = ModelInputs(texts, names, text_emb, image_emb, present, text_packing)
+    inputs = ModelInputs(
+        texts=texts,
+        names=names,
+        text_emb=text_emb,
+        image_emb=image_emb,
+        image_present=present,
+        text_packing=text_packing,
+    )
     return EmbeddedBatch(inputs, errors, new_text, new_image, images)
