@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import psycopg2
 from sqlalchemy import Engine
 
+from shelver.catalog import queue
 from shelver.catalog.db import engine_for
 from shelver.catalog.embedded import create_database, embedded_services
 from shelver.catalog.importer import import_file
@@ -305,11 +306,11 @@ def snapshot(database_url: str, skus: list[str]) -> list[ProductView]:
 
 
 def queue_depth(database_url: str) -> tuple[int, dict[str, int]]:
+    with engine_for(sqlalchemy_url(database_url)).connect() as db:
+        depth = queue.stats(db).depth
     conn = psycopg2.connect(database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM classification_queue")
-            depth = cur.fetchone()[0]
             cur.execute("SELECT status, count(*) FROM products GROUP BY status")
             return depth, dict(cur.fetchall())
     finally:
