@@ -245,6 +245,21 @@ def test_missing_image_is_served_from_text_alone(trained):
     assert np.isfinite(a).all()
 
 
+def test_model_inputs_keep_their_rows_together():
+    data = synthetic(n=10)
+    inputs = data.inputs
+    picked = inputs.subset([7, 2])
+    assert picked.texts == [inputs.texts[7], inputs.texts[2]]
+    np.testing.assert_array_equal(picked.image_emb, inputs.image_emb[[7, 2]])
+    again = ModelInputs.concat([inputs.subset(slice(0, 4)), inputs.subset(slice(4, None))])
+    np.testing.assert_array_equal(again.text_emb, inputs.text_emb)
+    assert again.names == inputs.names and len(again) == 10
+    with pytest.raises(ValueError, match="same rows"):
+        dataclasses.replace(inputs, names=inputs.names[:9])
+    with pytest.raises(UnknownTextPacking):
+        dataclasses.replace(inputs, text_packing="{name}")
+
+
 def test_artifact_bytes_are_reproducible(trained):
     _, result, _ = trained
     with zipfile.ZipFile(BytesIO(result.artifact)) as archive:
