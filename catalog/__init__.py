@@ -1,1 +1,1 @@
-"""The system of record: settings, database access, ORM models, queue SQL and importers."""
+"""The system of record: settings, database access, queue SQL, importers; schema in migrations/."""
