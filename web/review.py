@@ -93,7 +93,7 @@ def review_page(
     with engine.connect() as conn:
         rows = conn.execute(PAGE_SQL, params).all()
         waiting = conn.execute(WAITING_SQL, params).scalar_one()
-        categories = conn.execute(text("SELECT id, name FROM categories ORDER BY name")).all()
+        categories = conn.execute(text("SELECT id, path FROM categories ORDER BY path")).all()
         batches = conn.execute(
             text(
                 """
@@ -177,16 +177,16 @@ def give_verdicts(
 
 
 def search_categories(engine: Engine, query: str, limit: int = 20) -> list[str]:
-    """Category names containing ``query``, those starting with it first (the type-ahead)."""
+    """Category paths containing ``query``, those starting with it first (the type-ahead)."""
     pattern = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     with engine.connect() as conn:
         return list(
             conn.execute(
                 text(
                     """
-                    SELECT name FROM categories
-                    WHERE name ILIKE '%' || :q || '%'
-                    ORDER BY name ILIKE :q || '%' DESC, length(name), name
+                    SELECT path FROM categories
+                    WHERE path ILIKE '%' || :q || '%'
+                    ORDER BY path ILIKE :q || '%' DESC, length(path), path
                     LIMIT :limit
                     """
                 ),

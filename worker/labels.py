@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
-from shelver.catalog.categories import category_ids, ensure_categories
+from shelver.catalog.categories import category_ids, ensure_categories, is_valid_path
 from shelver.catalog.importer import Rejection
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def apply_label_file(engine: Engine, path: Path, *, create_categories: bool = Fa
     with Session(engine) as db, db.begin():
         names = {category for _, _, category in rows if category}
         if create_categories:
-            report.categories_created = ensure_categories(db, names)
+            # A path with an empty level cannot be created; it is reported below as unknown.
+            report.categories_created = ensure_categories(db, filter(is_valid_path, names))
         categories = category_ids(db, names)
         known = set(
             db.execute(
@@ -186,9 +187,7 @@ def apply_review(
     model's own prediction stays as it was, for the record and for evaluation.
     ``labeled_by`` is the web user who decided (None from the terminal).
     """
-    category_id = conn.execute(
-        text("SELECT id FROM categories WHERE name = :n"), {"n": category}
-    ).scalar_one_or_none()
+    category_id = category_ids(conn, [category]).get(category)
     if category_id is None:
         raise ReviewError(f"unknown category {category!r}")
     product_id = conn.execute(
