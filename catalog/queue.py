@@ -4,13 +4,27 @@ The table is filled by the trigger on ``products`` (see migrations/); this
 module is everything else that touches it. Each statement is written out in
 SQL with what it locks and why, because the queue's correctness is exactly
 those locks.
+
+Lock order. A transaction that locks rows of more than one of these tables
+takes them in this order, and never the other way round:
+
+    products  ->  classification_queue  ->  backfill_runs
+
+The worker's write path locks its products first (``FOR UPDATE``, id order),
+then deletes their queue rows (``complete``, ``fail``), then records a
+backfill that has no row left (``finish_backfills``). The trigger of an
+``UPDATE products`` holds the product and then upserts its queue row; a
+backfill chunk inserts queue rows and then moves its run's bookmark; the sweep
+(``fail_exhausted``) locks products before their queue rows. Statements that
+lock only one table (``claim_batch``, ``retry_later``, ``release``) cannot
+close a cycle. With one order two transactions can wait for each other, but
+never both at once, so none of these paths deadlocks with another.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
@@ -106,7 +120,8 @@ def complete(db: Executor, processed: Mapping[int, str]) -> set[int]:
     trigger has already made it ready again), so the new content is classified
     too. Must run in the transaction that writes the results, after locking the
     product rows, so the hash comparison and the delete see the same state.
-    Returns the product ids whose rows were deleted.
+    Locks: the deleted queue rows, then the runs of any backfill they belonged
+    to (``finish_backfills``). Returns the product ids whose rows were deleted.
     """
     if not processed:
         return set()
@@ -117,12 +132,13 @@ def complete(db: Executor, processed: Mapping[int, str]) -> set[int]:
             USING products p,
                   unnest(CAST(:ids AS bigint[]), CAST(:hashes AS text[])) AS done(id, hash)
             WHERE q.product_id = done.id AND p.id = done.id AND p.content_hash = done.hash
-            RETURNING q.product_id
+            RETURNING q.product_id, q.backfill_id
             """
         ),
         {"ids": list(processed), "hashes": list(processed.values())},
-    )
-    return {r[0] for r in rows}
+    ).all()
+    finish_backfills(db, {r.backfill_id for r in rows if r.backfill_id is not None})
+    return {r.product_id for r in rows}
 
 
 def retry_later(
@@ -166,7 +182,11 @@ def release(db: Executor, product_ids: Iterable[int], *, delay_seconds: float, n
 
 
 def fail(db: Executor, failures: Mapping[int, str]) -> None:
-    """End products as ``failed`` with their reason and drop their queue rows."""
+    """End products as ``failed`` with their reason and drop their queue rows.
+
+    Locks: the products, then their queue rows, then the runs of any backfill
+    they belonged to; the worker calls this with the products already locked.
+    """
     if not failures:
         return
     params = {"ids": list(failures), "reasons": [r[:2000] for r in failures.values()]}
@@ -181,59 +201,243 @@ def fail(db: Executor, failures: Mapping[int, str]) -> None:
         ),
         params,
     )
-    db.execute(
-        text("DELETE FROM classification_queue WHERE product_id = ANY(CAST(:ids AS bigint[]))"),
+    runs = db.execute(
+        text(
+            """
+            DELETE FROM classification_queue WHERE product_id = ANY(CAST(:ids AS bigint[]))
+            RETURNING backfill_id
+            """
+        ),
         params,
+    ).scalars()
+    finish_backfills(db, {run for run in runs if run is not None})
+
+
+EXHAUSTED_PRODUCTS_SQL = text(
+    """
+    SELECT p.id
+    FROM products p JOIN classification_queue q ON q.product_id = p.id
+    WHERE q.attempts >= :max_attempts
+      AND (q.claimed_at IS NULL OR q.claimed_at < now() - make_interval(secs => :lease))
+    ORDER BY p.id
+    FOR UPDATE OF p SKIP LOCKED
+    """
+)
+"""The products of rows out of attempts, locked first: the lock order (products,
+then queue rows) is the worker's. ``SKIP LOCKED``: a product a worker is writing
+right now (its lease ran out while it worked) is left to that worker; if the
+worker does not finish it, the next sweep finds it."""
+
+FAIL_EXHAUSTED_SQL = text(
+    """
+    WITH dead AS (
+        DELETE FROM classification_queue
+        WHERE id IN (
+            SELECT id FROM classification_queue
+            WHERE product_id = ANY(CAST(:ids AS bigint[]))
+              AND attempts >= :max_attempts
+              AND (claimed_at IS NULL OR claimed_at < now() - make_interval(secs => :lease))
+            FOR UPDATE SKIP LOCKED)
+        RETURNING product_id, attempts, last_error, backfill_id
     )
+    UPDATE products p
+    SET status = 'failed', classified_at = now(),
+        error = 'gave up after ' || dead.attempts || ' attempts: '
+                || coalesce(dead.last_error, 'worker lost while classifying')
+    FROM dead
+    WHERE p.id = dead.product_id
+    RETURNING p.id, dead.backfill_id
+    """
+)
+"""Then their queue rows, conditions checked again under our product locks. The
+queue rows are taken ``SKIP LOCKED`` too (a task's error path may be giving one
+back this instant), so the sweep never waits on anyone."""
 
 
 def fail_exhausted(db: Executor, *, max_attempts: int, lease_seconds: int) -> int:
     """Fail rows that used up their attempts and whose last lease has run out.
 
-    Locks: ``SKIP LOCKED`` so a sweep never waits on a row a claimer holds;
-    such a row is swept next time. Returns how many products failed.
+    Locks, in the module's order: the products (``EXHAUSTED_PRODUCTS_SQL``),
+    their queue rows, then the runs of any backfill they belonged to. Nothing
+    is waited on; a row someone holds is swept next time. Taking queue rows
+    first and products second, as this once did, deadlocked with a worker
+    writing the same product: each held what the other wanted. Returns how
+    many products failed.
     """
-    rows = db.execute(
+    params = {"max_attempts": max_attempts, "lease": lease_seconds}
+    ids = db.execute(EXHAUSTED_PRODUCTS_SQL, params).scalars().all()
+    if not ids:
+        return 0
+    rows = db.execute(FAIL_EXHAUSTED_SQL, {**params, "ids": list(ids)}).all()
+    finish_backfills(db, {r.backfill_id for r in rows if r.backfill_id is not None})
+    return len(rows)
+
+
+def finish_backfills(db: Executor, run_ids: Iterable[int] | None = None) -> list[int]:
+    """Record as ``done`` the enqueued backfill runs that have no row left in the queue.
+
+    Called with the runs whose rows a transaction just removed (the worker's
+    ``complete`` and ``fail``, the sweep), by the backfill when it has queued
+    its last chunk, and with no ids by the dispatcher's sweep for every
+    enqueued run: rows also leave a backfill when their product is deleted or
+    changed (the update trigger clears ``backfill_id``), and nobody's write
+    path sees those.
+
+    Locks: the runs' rows, in id order, until commit, and only then counts
+    what is left. Two workers finishing a run's last two rows, or a worker and
+    the backfill marking its run ``enqueued``, therefore take turns, and the
+    second one's count (a new statement, so a new snapshot) sees the first
+    one's deletions: a run cannot be left ``enqueued`` with nothing queued.
+    With no ids, runs not yet ``enqueued`` are not locked, so the sweep never
+    waits on a backfill still queueing. Returns the ids recorded ``done``.
+    """
+    ids = None if run_ids is None else sorted(set(run_ids))
+    if ids == []:
+        return []
+    locked = (
+        db.execute(
+            text(
+                """
+                SELECT id FROM backfill_runs
+                WHERE id = ANY(CAST(:ids AS integer[])) OR (:every AND status = 'enqueued')
+                ORDER BY id
+                FOR UPDATE
+                """
+            ),
+            {"ids": ids or [], "every": ids is None},
+        )
+        .scalars()
+        .all()
+    )
+    if not locked:
+        return []
+    return list(
+        db.execute(
+            text(
+                """
+                UPDATE backfill_runs r
+                SET status = 'done', finished_at = now()
+                WHERE r.id = ANY(CAST(:ids AS integer[]))
+                  AND r.status = 'enqueued'
+                  AND NOT EXISTS (SELECT 1 FROM classification_queue q WHERE q.backfill_id = r.id)
+                RETURNING r.id
+                """
+            ),
+            {"ids": list(locked)},
+        ).scalars()
+    )
+
+
+@dataclass(frozen=True)
+class BackfillChunk:
+    scanned: int  # products of the selection in this id range
+    last_product_id: int  # the run's bookmark after it
+    enqueued: int  # the run's total so far
+
+
+ENQUEUE_BACKFILL_CHUNK_SQL = """
+WITH chunk AS (
+    SELECT p.id
+    FROM products p
+    WHERE p.id > :after AND {selection}
+    ORDER BY p.id
+    LIMIT :chunk
+), queued AS (
+    INSERT INTO classification_queue (product_id, reason, backfill_id)
+    SELECT id, 'backfill', :run_id FROM chunk
+    ON CONFLICT (product_id) DO NOTHING
+    RETURNING 1
+), progress AS (
+    UPDATE backfill_runs
+    SET last_product_id = coalesce((SELECT max(id) FROM chunk), last_product_id),
+        enqueued = enqueued + (SELECT count(*) FROM queued)
+    WHERE id = :run_id
+    RETURNING last_product_id, enqueued
+)
+SELECT (SELECT count(*) FROM chunk), last_product_id, enqueued FROM progress
+"""
+
+
+def enqueue_backfill_chunk(
+    db: Executor,
+    *,
+    run_id: int,
+    selection: str,
+    params: Mapping[str, object],
+    after: int,
+    chunk: int,
+) -> BackfillChunk:
+    """Queue one id range of a backfill's selection and move the run's bookmark, in one statement.
+
+    ``selection`` is a SQL condition on ``products p`` with its ``params``
+    (the backfill's selector). Walking the primary key keeps each chunk an
+    index range scan however large the catalog. A product already queued (a
+    fresh insert or update) is left as it is: it will be classified by the
+    current champion anyway. Locks: the inserted queue rows, then the run's row
+    (the bookmark update reads the insert's count, so it runs after it), until
+    commit; a second ``--resume`` of the same run waits.
+    """
+    scanned, last_product_id, enqueued = db.execute(
+        text(ENQUEUE_BACKFILL_CHUNK_SQL.format(selection=selection)),
+        {**params, "after": after, "chunk": chunk, "run_id": run_id},
+    ).one()
+    if scanned:
+        db.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+    return BackfillChunk(scanned, last_product_id, enqueued)
+
+
+def backfill_remaining(db: Executor, run_id: int) -> int:
+    """How many of a backfill's rows are still queued. A plain read, no locks."""
+    return db.execute(
+        text("SELECT count(*) FROM classification_queue WHERE backfill_id = :id"), {"id": run_id}
+    ).scalar_one()
+
+
+def inflight(db: Executor, *, bulk: bool, lease_seconds: int) -> int:
+    """Rows of one lane (backfill or fresh) claimed under a live lease, by every dispatcher.
+
+    A plain read, no locks: the dispatcher's in-flight cap is a throttle, not
+    an invariant, so a race that overshoots by a batch is fine.
+    """
+    return db.execute(
         text(
             """
-            WITH dead AS (
-                DELETE FROM classification_queue
-                WHERE id IN (
-                    SELECT id FROM classification_queue
-                    WHERE attempts >= :max_attempts
-                      AND (claimed_at IS NULL
-                           OR claimed_at < now() - make_interval(secs => :lease))
-                    FOR UPDATE SKIP LOCKED)
-                RETURNING product_id, attempts, last_error
-            )
-            UPDATE products p
-            SET status = 'failed', classified_at = now(),
-                error = 'gave up after ' || dead.attempts || ' attempts: '
-                        || coalesce(dead.last_error, 'worker lost while classifying')
-            FROM dead
-            WHERE p.id = dead.product_id
-            RETURNING p.id
+            SELECT count(*)
+            FROM classification_queue
+            WHERE (backfill_id IS NOT NULL) = :bulk
+              AND claimed_at >= now() - make_interval(secs => :lease)
             """
         ),
-        {"max_attempts": max_attempts, "lease": lease_seconds},
-    )
-    return len(rows.all())
+        {"bulk": bulk, "lease": lease_seconds},
+    ).scalar_one()
 
 
 @dataclass(frozen=True)
 class QueueStats:
     depth: int
     claimed: int
-    oldest_enqueued_at: datetime | None
+    backfill: int  # rows queued by a backfill
+    retrying: int  # given back after an error, waiting out their backoff
+    oldest_age_s: float | None  # age of the oldest row, by the database's clock
 
 
 def stats(db: Executor) -> QueueStats:
+    """What is in the queue, for ``shelver status`` and the demo. A plain read, no locks."""
     row = db.execute(
         text(
             """
-            SELECT count(*), count(claimed_at), min(enqueued_at)
+            SELECT count(*), count(claimed_at),
+                   count(*) FILTER (WHERE backfill_id IS NOT NULL),
+                   count(*) FILTER (WHERE attempts > 0 AND claimed_at IS NULL),
+                   extract(epoch FROM now() - min(enqueued_at))
             FROM classification_queue
             """
         )
     ).one()
-    return QueueStats(depth=row[0], claimed=row[1], oldest_enqueued_at=row[2])
+    return QueueStats(
+        depth=row[0],
+        claimed=row[1],
+        backfill=row[2],
+        retrying=row[3],
+        oldest_age_s=float(row[4]) if row[4] is not None else None,
+    )

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from shelver.catalog import queue
 from shelver.catalog.images import refused_images
 
 # The values products.status may take (its CHECK constraint, migrations/versions/0001),
@@ -22,17 +23,7 @@ def catalog_status(engine: Engine) -> dict[str, Any]:
         counts = dict(
             conn.execute(text("SELECT status, count(*) FROM products GROUP BY status")).all()
         )
-        queue = conn.execute(
-            text(
-                """
-                SELECT count(*), count(claimed_at),
-                       extract(epoch FROM now() - min(enqueued_at)),
-                       count(*) FILTER (WHERE backfill_id IS NOT NULL),
-                       count(*) FILTER (WHERE attempts > 0 AND claimed_at IS NULL)
-                FROM classification_queue
-                """
-            )
-        ).one()
+        waiting = queue.stats(conn)
         oldest_pending = conn.execute(
             text(
                 "SELECT extract(epoch FROM now() - min(updated_at)) FROM products "
@@ -52,12 +43,12 @@ def catalog_status(engine: Engine) -> dict[str, Any]:
         "products": {s: counts.get(s, 0) for s in PRODUCT_STATUSES},
         "images_refused": {"total": sum(refused.values()), "by_reason": refused},
         "queue": {
-            "depth": queue[0],
-            "claimed": queue[1],
-            "oldest_enqueued_age_s": float(queue[2]) if queue[2] is not None else None,
+            "depth": waiting.depth,
+            "claimed": waiting.claimed,
+            "oldest_enqueued_age_s": waiting.oldest_age_s,
             "oldest_pending_age_s": float(oldest_pending) if oldest_pending is not None else None,
-            "backfill": queue[3],
-            "retrying": queue[4],
+            "backfill": waiting.backfill,
+            "retrying": waiting.retrying,
         },
         "champion": (
             {

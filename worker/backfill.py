@@ -1,8 +1,10 @@
 """``shelver backfill``: re-score a selection of the catalog through the queue, resumably.
 
-Rows are enqueued server-side (INSERT ... SELECT), one id range per
-transaction, and each chunk records how far it got in ``backfill_runs`` in the
-same transaction, so an interrupted run resumes exactly where it stopped.
+Rows are enqueued server-side (INSERT ... SELECT, ``queue.enqueue_backfill_chunk``),
+one id range per transaction, and each chunk records how far it got in
+``backfill_runs`` in the same transaction, so an interrupted run resumes
+exactly where it stopped. A run goes ``running`` -> ``enqueued`` -> ``done``;
+``done`` is recorded by whoever removes its last queue row.
 Backfill rows carry their ``backfill_id``: dispatchers send them to the
 ``backfill`` queue in large batches, never in front of a fresh product.
 """
@@ -17,7 +19,7 @@ from datetime import date
 
 from sqlalchemy import Engine, text
 
-from shelver.catalog.queue import NOTIFY_CHANNEL
+from shelver.catalog import queue
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,10 @@ class Progress:
     def finished(self) -> int:
         return self.enqueued - self.remaining
 
+    @property
+    def done(self) -> bool:
+        return self.enqueue_done and self.remaining == 0
+
 
 def start(engine: Engine, selector: Selector) -> BackfillRun:
     """Record a new run with the number of products it selects now."""
@@ -131,73 +137,53 @@ def load(engine: Engine, run_id: int) -> BackfillRun:
     return BackfillRun(row[0], Selector(**row[1]), row[2], row[3], row[4], row[5])
 
 
-ENQUEUE_CHUNK_SQL = """
-WITH chunk AS (
-    SELECT p.id
-    FROM products p
-    WHERE p.id > :after AND {where}
-    ORDER BY p.id
-    LIMIT :chunk
-), queued AS (
-    INSERT INTO classification_queue (product_id, reason, backfill_id)
-    SELECT id, 'backfill', :run_id FROM chunk
-    ON CONFLICT (product_id) DO NOTHING
-    RETURNING 1
-), progress AS (
-    UPDATE backfill_runs
-    SET last_product_id = coalesce((SELECT max(id) FROM chunk), last_product_id),
-        enqueued = enqueued + (SELECT count(*) FROM queued)
-    WHERE id = :run_id
-    RETURNING last_product_id, enqueued
-)
-SELECT (SELECT count(*) FROM chunk), last_product_id, enqueued FROM progress
-"""
-"""One id range: queue it and move the run's bookmark in the same statement.
-
-Walking the primary key keeps each chunk an index range scan however large the
-catalog. A product already queued (a fresh insert or update) is left as it is:
-it will be classified by the current champion anyway. Locks: the inserted queue
-rows, and the run's row until commit (a second `--resume` of the same run waits)."""
-
-
 def enqueue(engine: Engine, run: BackfillRun, chunk: int = CHUNK) -> Iterator[BackfillRun]:
-    """Enqueue the run's remaining selection chunk by chunk; yields after each commit."""
-    where, params = run.selector.where()
-    sql = text(ENQUEUE_CHUNK_SQL.format(where=where))
+    """Enqueue the run's remaining selection chunk by chunk; yields after each commit.
+
+    When the last chunk is in, the run is ``enqueued``, or ``done`` straight
+    away if workers already finished every row; otherwise whoever removes its
+    last queue row records ``done`` (``queue.finish_backfills``), so a run
+    nobody waits for (``--no-wait``) ends ``done`` too.
+    """
+    selection, params = run.selector.where()
     while True:
         with engine.begin() as conn:
-            scanned, run.last_product_id, run.enqueued = conn.execute(
-                sql, {**params, "after": run.last_product_id, "chunk": chunk, "run_id": run.id}
-            ).one()
-            if scanned:
-                conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_CHANNEL})
-        if not scanned:
+            step = queue.enqueue_backfill_chunk(
+                conn,
+                run_id=run.id,
+                selection=selection,
+                params=params,
+                after=run.last_product_id,
+                chunk=chunk,
+            )
+        run.last_product_id, run.enqueued = step.last_product_id, step.enqueued
+        if not step.scanned:
             break
         yield run
     with engine.begin() as conn:
+        # Locks the run's row before finish_backfills counts what is left: a
+        # worker removing the last rows meanwhile either committed before (and
+        # is counted) or waits for this commit and then records ``done`` itself.
         conn.execute(
             text(
                 "UPDATE backfill_runs SET status = 'enqueued' WHERE id = :id AND status = 'running'"
             ),
             {"id": run.id},
         )
-    run.status = "enqueued"
+        finished = queue.finish_backfills(conn, [run.id])
+    run.status = "done" if finished else "enqueued"
 
 
 def progress(engine: Engine, run: BackfillRun) -> Progress:
-    """How much of the run is still queued; rows leave the queue when classified or failed."""
-    with engine.begin() as conn:
-        remaining = conn.execute(
-            text("SELECT count(*) FROM classification_queue WHERE backfill_id = :id"),
+    """How much of the run is still queued; rows leave the queue when classified or failed.
+
+    A read only: it writes nothing, so watching a run (or several watchers)
+    never changes it. ``done`` is recorded by whoever removes the last row.
+    """
+    with engine.connect() as conn:
+        status, enqueued, total = conn.execute(
+            text("SELECT status, enqueued, total FROM backfill_runs WHERE id = :id"),
             {"id": run.id},
-        ).scalar_one()
-        if remaining == 0 and run.status == "enqueued":
-            conn.execute(
-                text(
-                    "UPDATE backfill_runs SET status = 'done', finished_at = now() "
-                    "WHERE id = :id AND status <> 'done'"
-                ),
-                {"id": run.id},
-            )
-            run.status = "done"
-    return Progress(run.enqueued, remaining, run.total, run.status in ("enqueued", "done"))
+        ).one()
+        remaining = queue.backfill_remaining(conn, run.id)
+    return Progress(enqueued, remaining, total, status in ("enqueued", "done"))

@@ -1,7 +1,7 @@
 """``shelver dispatch``: turns ready queue rows into Celery tasks, one task per micro-batch.
 
-NOTIFY on ``shelver_queue`` only wakes the dispatcher; the rows are in
-``classification_queue`` and are found by polling too, so a notification lost
+NOTIFY on ``shelver_queue`` only wakes the dispatcher; the rows are in the
+queue table (``catalog.queue``) and are found by polling too, so a notification lost
 while no dispatcher listened costs at most one poll interval. Claims are
 committed (under a lease) before the task is sent: a dispatcher that dies
 between the two loses nothing, the lease runs out and the rows are claimed
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.extensions
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from shelver.catalog import queue
 from shelver.catalog.settings import Settings, libpq_url
@@ -138,18 +138,6 @@ class NotifyListener:
             self._conn = None
 
 
-INFLIGHT_SQL = text(
-    """
-    SELECT count(*)
-    FROM classification_queue
-    WHERE (backfill_id IS NOT NULL) = :bulk
-      AND claimed_at >= now() - make_interval(secs => :lease)
-    """
-)
-"""Rows of a lane claimed under a live lease, by every dispatcher. A plain read:
-the cap is a throttle, not an invariant, so a race that overshoots by a batch is fine."""
-
-
 @dataclass
 class DispatchStats:
     batches: int = 0
@@ -223,7 +211,7 @@ class Dispatcher:
         return sent
 
     def sweep(self) -> int:
-        """End rows that used up their attempts as ``failed``."""
+        """End rows that used up their attempts as ``failed``; record finished backfills."""
         self._swept_at = time.monotonic()
         with self.engine.begin() as conn:
             failed = queue.fail_exhausted(
@@ -232,14 +220,18 @@ class Dispatcher:
         if failed:
             log.warning("%d products failed after %d attempts", failed, self.config.max_attempts)
         self.stats.swept += failed
+        # Its own transaction: the run locks are not held while failing rows. This
+        # catches runs whose last rows left the queue without a worker finishing
+        # them (product deleted or changed meanwhile).
+        with self.engine.begin() as conn:
+            for run_id in queue.finish_backfills(conn):
+                log.info("backfill %d done", run_id)
         return failed
 
     def _room(self, lane: Lane) -> int:
         cap = self.config.max_inflight_batches * lane.batch_size
         with self.engine.connect() as conn:
-            inflight = conn.execute(
-                INFLIGHT_SQL, {"bulk": lane.bulk, "lease": self.config.lease_seconds}
-            ).scalar_one()
+            inflight = queue.inflight(conn, bulk=lane.bulk, lease_seconds=self.config.lease_seconds)
         room = min(lane.batch_size, cap - inflight)
         if room <= 0:
             self._capped = True

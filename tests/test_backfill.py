@@ -1,0 +1,150 @@
+"""Backfill runs end ``done`` whoever watches them, and watching one writes nothing.
+
+The worker side is the real write path (``classify_products``) against real
+PostgreSQL; its classifier is a fixed rule, because what is under test is the
+queue bookkeeping, not the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from shelver.catalog import queue
+from shelver.catalog.db import session_scope
+from shelver.training import registry
+from shelver.worker import backfill as bf
+from shelver.worker.classify import Outcome, ScoredBatch, classify_products
+from shelver.worker.dispatcher import DispatchConfig, Dispatcher
+
+
+class EverythingIsAudio:
+    """A real ``Classifier`` with a trivial rule: every product is Audio, confidently."""
+
+    threshold = 0.5
+
+    def __init__(self, model_version_id: int) -> None:
+        self.model_version_id = model_version_id
+
+    def score(self, db: Session, rows: Sequence) -> ScoredBatch:
+        top = [{"category": "Audio", "p": 0.99}]
+        return ScoredBatch(
+            [
+                Outcome(r.product_id, r.content_hash, category="Audio", confidence=0.99, top_k=top)
+                for r in rows
+            ]
+        )
+
+
+def catalog_of(engine: Engine, n: int) -> EverythingIsAudio:
+    """``n`` products, already classified once (so the queue holds only what a backfill adds)."""
+    with engine.begin() as conn:
+        model = registry.register_candidate(
+            conn,
+            artifact=b"rule",
+            sha256="0" * 64,
+            labels=["Audio"],
+            encoders={},
+            metrics={},
+            threshold=0.5,
+        )
+        conn.execute(
+            text(
+                "INSERT INTO products (sku, name) "
+                "SELECT 'bf-' || g, 'Product ' || g FROM generate_series(1, :n) g"
+            ),
+            {"n": n},
+        )
+    classifier = EverythingIsAudio(model.id)
+    while work(engine, classifier, bulk=False, limit=100):
+        pass
+    return classifier
+
+
+def work(engine: Engine, classifier: EverythingIsAudio, *, bulk: bool, limit: int) -> int:
+    """What a dispatcher and a worker do with one batch: claim it, then classify it."""
+    with engine.begin() as conn:
+        claims = queue.claim_batch(conn, limit=limit, lease_seconds=300, max_attempts=5, bulk=bulk)
+    if claims:
+        with session_scope(engine) as db:
+            classify_products(db, [c.product_id for c in claims], classifier)
+    return len(claims)
+
+
+def run_row(engine: Engine, run_id: int) -> tuple:
+    with engine.connect() as conn:
+        return tuple(
+            conn.execute(
+                text("SELECT xmin::text, status, enqueued, finished_at FROM backfill_runs "
+                     "WHERE id = :id"),
+                {"id": run_id},
+            ).one()
+        )  # fmt: skip
+
+
+def test_a_no_wait_backfill_ends_done_when_workers_finish_its_last_row(engine: Engine) -> None:
+    classifier = catalog_of(engine, 30)
+    # What `shelver backfill --all --no-wait` does: queue every chunk, then exit.
+    run = bf.start(engine, bf.Selector())
+    for _ in bf.enqueue(engine, run, chunk=10):
+        pass
+    assert run_row(engine, run.id)[1:3] == ("enqueued", 30)
+
+    assert work(engine, classifier, bulk=True, limit=16) == 16
+    assert run_row(engine, run.id)[1] == "enqueued"
+    assert work(engine, classifier, bulk=True, limit=16) == 14
+    _, status, _, finished_at = run_row(engine, run.id)
+    assert status == "done" and finished_at is not None
+
+
+def test_a_backfill_whose_rows_were_finished_while_it_queued_is_done_at_once(
+    engine: Engine,
+) -> None:
+    classifier = catalog_of(engine, 20)
+    run = bf.start(engine, bf.Selector())
+    chunks = bf.enqueue(engine, run, chunk=10)
+    for _ in chunks:
+        # Fast workers: every queued row is finished before the next chunk.
+        while work(engine, classifier, bulk=True, limit=100):
+            pass
+    assert run.status == "done"
+    assert run_row(engine, run.id)[1] == "done"
+
+
+def test_watching_a_backfill_writes_nothing(engine: Engine) -> None:
+    classifier = catalog_of(engine, 12)
+    run = bf.start(engine, bf.Selector())
+    for _ in bf.enqueue(engine, run, chunk=5):
+        pass
+    assert work(engine, classifier, bulk=True, limit=4) == 4
+    state = bf.progress(engine, run)
+    assert (state.enqueued, state.remaining, state.finished, state.done) == (12, 8, 4, False)
+    # Its last rows leave without a worker (the products are deleted): the run
+    # is finished, a reader can tell, and reading still writes nothing.
+    with engine.begin() as conn:
+        conn.execute(
+            text("DELETE FROM products WHERE id IN (SELECT product_id FROM classification_queue)")
+        )
+    before = run_row(engine, run.id)
+    watchers = [threading.Thread(target=bf.progress, args=(engine, run)) for _ in range(3)]
+    for w in watchers:
+        w.start()
+    for w in watchers:
+        w.join()
+    assert bf.progress(engine, run).done
+    assert run_row(engine, run.id) == before  # same row version: xmin unchanged
+
+
+def test_the_sweep_records_a_run_whose_last_rows_were_deleted(engine: Engine) -> None:
+    catalog_of(engine, 6)
+    run = bf.start(engine, bf.Selector())
+    for _ in bf.enqueue(engine, run, chunk=100):
+        pass
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM products"))
+    assert run_row(engine, run.id)[1] == "enqueued"
+    Dispatcher(engine, lambda *_: None, DispatchConfig(), threading.Event()).sweep()
+    assert run_row(engine, run.id)[1] == "done"
