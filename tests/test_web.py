@@ -471,3 +471,23 @@ def test_only_labels_people_gave_train(rita: TestClient, engine: Engine) -> None
     trained_on = {product.name: label for product, label in labeled_products(engine)}
     # The review and the audit confirmation train; the model's own predictions never do.
     assert trained_on == {"Guitar strings": "Appliances", "Console": "Video Games"}
+
+
+def test_demo_site_serves_and_signs_in_its_admin_then_stops(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    import os
+
+    import httpx
+
+    from shelver.web.demo import demo_site
+
+    env = {**os.environ, "SHELVER_DATABASE_URL": database_url}
+    with (
+        demo_site(engine, env, tmp_path / "web.log") as site,
+        httpx.Client(base_url=site.url, follow_redirects=False) as client,
+    ):
+        assert sign_in(client, site.user, site.password).status_code == 303
+        assert client.get("/dashboard").status_code == 200
+    with pytest.raises(httpx.TransportError):
+        httpx.get(site.url + "login", timeout=2)

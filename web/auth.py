@@ -86,6 +86,25 @@ def add_user(engine: Engine, name: str, role: str, password: str) -> User:
     return User(*row)
 
 
+def set_password(engine: Engine, name: str, role: str, password: str) -> User:
+    """Create the user, or give an existing one this role and password (the demo's admin)."""
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    with engine.begin() as conn:
+        row = conn.execute(
+            text(
+                """
+                INSERT INTO users (name, role, password_hash) VALUES (:name, :role, :hash)
+                ON CONFLICT (name) DO UPDATE
+                    SET role = EXCLUDED.role, password_hash = EXCLUDED.password_hash
+                RETURNING id, name, role
+                """
+            ),
+            {"name": name, "role": role, "hash": _hasher.hash(password)},
+        ).one()
+    return User(*row)
+
+
 def sign_in(engine: Engine, name: str, password: str, client: str, minutes: int) -> str | None:
     """Check a password and open a session; the session token, or None if refused.
 

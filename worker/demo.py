@@ -35,6 +35,7 @@ from shelver.worker.errors import EncoderUnavailable
 
 if TYPE_CHECKING:
     from shelver.training.pipeline import TrainOutcome
+    from shelver.web.demo import DemoSite
 
 DEMO_PRODUCTS = Path(__file__).resolve().parent / "demo_data" / "products.csv"
 DEMO_SKU_PREFIX = "demo-"
@@ -72,13 +73,19 @@ class DemoOutcome:
 
 
 def run_demo(
-    settings: Settings, observer: DemoObserver, data: Path | None = None, timeout_s: float = 300.0
+    settings: Settings,
+    observer: DemoObserver,
+    data: Path | None = None,
+    timeout_s: float = 300.0,
+    *,
+    serve_until_interrupted: bool = False,
 ) -> DemoOutcome:
     """The whole event path, from services to classified products; everything started is stopped.
 
     With ``data`` (a labeled CSV) its rows are imported, a model is trained on them and made
     champion, and the demo waits for them; otherwise the bundled default model classifies the
-    demo products, inserted with plain SQL.
+    demo products, inserted with plain SQL. The web application runs beside them; with
+    ``serve_until_interrupted`` it stays up after the products are done, until Ctrl-C.
     """
     if data is not None and not data.exists():
         raise DemoError(f"{data}: no such file")
@@ -101,7 +108,10 @@ def run_demo(
                 else "the catalog already has a champion; using it"
             )
         env = process_env(database_url, broker_url, settings, image_root)
-        with event_path(env, Path(settings.data_dir)) as running:
+        with (
+            event_path(env, Path(settings.data_dir)) as running,
+            web_app(engine, env, Path(settings.data_dir), observer) as site,
+        ):
             observer.step("dispatcher and worker started")
             if data is not None:
                 finished, by_status = _watch_queue(database_url, running, observer, timeout_s)
@@ -111,6 +121,11 @@ def run_demo(
                 finished, by_status = _watch_products(
                     database_url, skus, running, observer, timeout_s
                 )
+            if site is not None and serve_until_interrupted:
+                observer.step(f"the web application stays up at {site.url}; Ctrl-C stops the demo")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        time.sleep(3600)
     return DemoOutcome(finished, by_status, running.log_path)
 
 
@@ -186,6 +201,27 @@ def services(settings: Settings) -> Iterator[tuple[str, str, bool]]:
         broker,
     ):
         yield create_database(server, "shelver"), broker, True
+
+
+@contextlib.contextmanager
+def web_app(
+    engine: Engine, env: dict[str, str], log_dir: Path, observer: DemoObserver
+) -> Iterator[DemoSite | None]:
+    """``shelver serve`` beside the event path, when the [web] extra is installed."""
+    try:
+        from shelver.web.demo import DemoWebError, demo_site
+    except ImportError as exc:
+        observer.note(f"web application not started: the [web] extra is missing ({exc.name})")
+        yield None
+        return
+    try:
+        with demo_site(engine, env, log_dir / "demo-web.log") as site:
+            observer.step(
+                f"web application at {site.url} (sign in as {site.user} / {site.password})"
+            )
+            yield site
+    except DemoWebError as exc:
+        raise DemoError(str(exc)) from exc
 
 
 def encoders_ready(model_dir: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -35,7 +36,9 @@ def demo(
     """
     observer = _Screen()
     try:
-        outcome = run_demo(get_settings(), observer, data, timeout)
+        outcome = run_demo(
+            get_settings(), observer, data, timeout, serve_until_interrupted=sys.stdin.isatty()
+        )
     except DemoError as exc:
         raise UserError(str(exc)) from exc
     finally:
