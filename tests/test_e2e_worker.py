@@ -267,6 +267,39 @@ def test_a_backfill_of_stale_rows_rescores_them_with_the_new_champion(
     assert scalar(engine, "SELECT count(*) FROM embeddings") == vectors
 
 
+def test_a_backfill_nobody_waits_for_ends_done(
+    engine: Engine,
+    env: dict[str, str],
+    artifacts,
+    fixture_data: Path,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    register_champion(engine, artifacts[0], "e2e-1")
+    insert(engine, sample_products(fixture_data, 40))
+    with pipeline(env, tmp_path):
+        wait_for(
+            lambda: scalar(engine, "SELECT count(*) FROM classification_queue") == 0,
+            120,
+            "the first classification",
+            tmp_path,
+        )
+        result = subprocess.run(
+            [*SHELVER, "backfill", "--all", "--no-wait"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        # Nobody watches the run: the worker that finishes its last row records it.
+        wait_for(
+            lambda: scalar(engine, "SELECT count(*) FROM backfill_runs WHERE status = 'done'") == 1,
+            120,
+            "the --no-wait backfill to be recorded done",
+            tmp_path,
+        )
+
+
 # --- the people's side: labels, review, scheduled retraining (CLI processes) ------------------
 
 
