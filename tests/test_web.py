@@ -491,3 +491,10 @@ def test_demo_site_serves_and_signs_in_its_admin_then_stops(
         assert client.get("/dashboard").status_code == 200
     with pytest.raises(httpx.TransportError):
         httpx.get(site.url + "login", timeout=2)
+
+
+def test_an_oversized_form_is_refused_before_it_is_read(rita: TestClient) -> None:
+    response = rita.post(
+        "/review/verdict", data={"csrf_token": page_csrf(rita), "category": "x" * 2_000_000}
+    )
+    assert response.status_code == 413

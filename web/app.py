@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "shelver_session"
 LOGIN_CSRF_COOKIE = "shelver_login_csrf"
 THUMBNAIL_PIXELS = (480, 480)
+# The largest form is a page's bulk accept: a few kilobytes. Anything far bigger is refused.
+MAX_FORM_BYTES = 1_000_000
 
 # Nothing but our own files: product text that slipped past escaping still could not
 # load or run a script, and no other site may frame the pages.
@@ -386,7 +388,7 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
     """The ASGI application on ``engine``; ``settings`` gives the audit rate, the target
     precision, the session length and the image rules."""
     web = WebApp(engine, settings)
-    app = Starlette(routes=web.routes())
+    app = Starlette(routes=web.routes(), max_body_size=MAX_FORM_BYTES)
     return SecurityHeaders(app)  # type: ignore[return-value]
 
 

@@ -145,8 +145,13 @@ def sign_in(engine: Engine, name: str, password: str, client: str, minutes: int)
                 "minutes": minutes,
             },
         )
-        # Expired sessions are of no use to anyone; sweeping at sign-in keeps the table small.
+        # Expired sessions and failures older than the window count for nothing any more;
+        # sweeping them at each sign-in keeps both tables small.
         conn.execute(text("DELETE FROM web_sessions WHERE expires_at < now()"))
+        conn.execute(
+            text("DELETE FROM login_failures WHERE failed_at < now() - :window"),
+            {"window": FAILURE_WINDOW},
+        )
     log.info("%s signed in from %s", name, client)
     return token
 
