@@ -8,6 +8,7 @@ queue bookkeeping, not the model.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 from sqlalchemy import Engine, text
@@ -24,8 +25,6 @@ from shelver.worker.dispatcher import DispatchConfig, Dispatcher
 class EverythingIsAudio:
     """A real ``Classifier`` with a trivial rule: every product is Audio, confidently."""
 
-    threshold = 0.5
-
     def __init__(self, model_version_id: int) -> None:
         self.model_version_id = model_version_id
 
@@ -33,7 +32,14 @@ class EverythingIsAudio:
         top = [{"category": "Audio", "p": 0.99}]
         return ScoredBatch(
             [
-                Outcome(r.product_id, r.content_hash, category="Audio", confidence=0.99, top_k=top)
+                Outcome(
+                    r.product_id,
+                    r.content_hash,
+                    category="Audio",
+                    confidence=0.99,
+                    accepted=True,
+                    top_k=top,
+                )
                 for r in rows
             ]
         )
@@ -148,3 +154,54 @@ def test_the_sweep_records_a_run_whose_last_rows_were_deleted(engine: Engine) ->
     assert run_row(engine, run.id)[1] == "enqueued"
     Dispatcher(engine, lambda *_: None, DispatchConfig(), threading.Event()).sweep()
     assert run_row(engine, run.id)[1] == "done"
+
+
+def test_two_workers_finishing_the_last_two_rows_at_once_record_the_run_done(
+    engine: Engine,
+) -> None:
+    catalog_of(engine, 2)
+    run = bf.start(engine, bf.Selector())
+    for _ in bf.enqueue(engine, run):
+        pass
+    with engine.connect() as conn:
+        (a, hash_a), (b, hash_b) = conn.execute(
+            text("SELECT id, content_hash FROM products ORDER BY id")
+        ).all()
+    second: dict[str, object] = {}
+    started, finished = threading.Event(), threading.Event()
+
+    def finish_b() -> None:
+        try:
+            with engine.begin() as conn:
+                second["backend"] = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                started.set()
+                queue.complete(conn, {b: hash_b})
+        except Exception as exc:
+            second["error"] = exc
+        finally:
+            started.set()
+            finished.set()
+
+    with engine.begin() as first:
+        # Each worker's write removes one of the two rows; neither has committed
+        # when the other looks at what is left.
+        assert queue.complete(first, {a: hash_a}) == {a}
+        thread = threading.Thread(target=finish_b)
+        thread.start()
+        assert started.wait(10) and "backend" in second, second
+        wait_blocked_or_done(engine, second["backend"], finished)
+    thread.join(30)
+    assert "error" not in second, second.get("error")
+    assert run_row(engine, run.id)[1] == "done"
+
+
+def wait_blocked_or_done(
+    engine: Engine, backend: int, done: threading.Event, timeout: float = 10
+) -> None:
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline and not done.is_set():
+            if conn.execute(text("SELECT pg_blocking_pids(:p)"), {"p": backend}).scalar():
+                return
+            conn.rollback()
+            time.sleep(0.02)

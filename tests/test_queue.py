@@ -140,3 +140,26 @@ def test_fail_records_reason_and_dequeues(engine: Engine) -> None:
         depth = queue.stats(conn).depth
     assert tuple(row) == ("failed", "no usable text and no image")
     assert depth == 0
+
+
+def test_stats_count_claimed_retrying_and_backfill_rows(engine: Engine) -> None:
+    ids = insert_products(engine, 5)
+    with engine.begin() as conn:
+        run = conn.execute(
+            text("INSERT INTO backfill_runs (selector) VALUES ('{}') RETURNING id")
+        ).scalar_one()
+        conn.execute(
+            text("UPDATE classification_queue SET backfill_id = :run WHERE product_id = :id"),
+            {"run": run, "id": ids[4]},
+        )
+    claimed = claim(engine, 2)
+    with engine.begin() as conn:
+        queue.retry_later(conn, [claimed[0].product_id], error="blip", backoff_seconds=60)
+    with engine.connect() as conn:
+        figures = queue.stats(conn)
+        fresh = queue.inflight(conn, bulk=False, lease_seconds=300)
+        bulk = queue.inflight(conn, bulk=True, lease_seconds=300)
+        remaining = queue.backfill_remaining(conn, run)
+    assert (figures.depth, figures.claimed, figures.retrying, figures.backfill) == (5, 1, 1, 1)
+    assert figures.oldest_age_s is not None and figures.oldest_age_s >= 0
+    assert (fresh, bulk, remaining) == (1, 0, 1)
