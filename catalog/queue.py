@@ -17,8 +17,8 @@ backfill that has no row left (``finish_backfills``). The trigger of an
 backfill chunk inserts queue rows and then moves its run's bookmark; the sweep
 (``fail_exhausted``) locks products before their queue rows. Statements that
 lock only one table (``claim_batch``, ``retry_later``, ``release``) cannot
-close a cycle. With one order two transactions can wait for each other, but
-never both at once, so none of these paths deadlocks with another.
+close a cycle. With one order a transaction may wait for another, but never
+for one that is waiting for it, so none of these paths deadlocks another.
 """
 
 from __future__ import annotations
@@ -251,18 +251,18 @@ FAIL_EXHAUSTED_SQL = text(
 )
 """Then their queue rows, conditions checked again under our product locks. The
 queue rows are taken ``SKIP LOCKED`` too (a task's error path may be giving one
-back this instant), so the sweep never waits on anyone."""
+back this instant), so the sweep never waits for a product or a queue row."""
 
 
 def fail_exhausted(db: Executor, *, max_attempts: int, lease_seconds: int) -> int:
     """Fail rows that used up their attempts and whose last lease has run out.
 
     Locks, in the module's order: the products (``EXHAUSTED_PRODUCTS_SQL``),
-    their queue rows, then the runs of any backfill they belonged to. Nothing
-    is waited on; a row someone holds is swept next time. Taking queue rows
-    first and products second, as this once did, deadlocked with a worker
-    writing the same product: each held what the other wanted. Returns how
-    many products failed.
+    their queue rows, then the runs of any backfill they belonged to. Products
+    and queue rows someone holds are skipped and swept next time; only a run's
+    row, last in the order, is waited for. Taking queue rows first and products
+    second, as this once did, deadlocked with a worker writing the same
+    product: each held what the other wanted. Returns how many products failed.
     """
     params = {"max_attempts": max_attempts, "lease": lease_seconds}
     ids = db.execute(EXHAUSTED_PRODUCTS_SQL, params).scalars().all()
