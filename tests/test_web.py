@@ -498,3 +498,42 @@ def test_an_oversized_form_is_refused_before_it_is_read(rita: TestClient) -> Non
         "/review/verdict", data={"csrf_token": page_csrf(rita), "category": "x" * 2_000_000}
     )
     assert response.status_code == 413
+
+
+def test_suggestions_and_verdicts_name_categories_by_their_path(
+    rita: TestClient, engine: Engine
+) -> None:
+    ids = judged(
+        engine,
+        champion(engine),
+        [
+            Judged(
+                "t1",
+                "USB-C charger",
+                "Cell Phones > Accessories",
+                0.3,
+                top_k=[("Cell Phones > Accessories", 0.3), ("Audio > Accessories", 0.25)],
+            ),
+        ],
+    )
+    page = rita.get("/review").text
+    assert "Cell Phones &gt; Accessories" in page and "Audio &gt; Accessories" in page
+    # Bulk accept names the predicted category by its path too ("Accessories" is ambiguous).
+    assert f'value="{ids["t1"]}|Cell Phones &gt; Accessories"' in page
+    rita.post(
+        "/review/verdict",
+        data={
+            "csrf_token": page_csrf(rita),
+            "product_id": ids["t1"],
+            "category": "Audio > Accessories",
+        },
+    )
+    with engine.connect() as conn:
+        label = conn.execute(
+            text("SELECT c.path FROM products p JOIN categories c ON c.id = p.label_id")
+        ).scalar_one()
+    assert label == "Audio > Accessories"
+    assert rita.get("/categories.json?q=access").json() == [
+        "Audio > Accessories",
+        "Cell Phones > Accessories",
+    ]

@@ -50,7 +50,7 @@ _IN_SAMPLE = """
 
 SAMPLE_SQL = text(
     f"""
-    SELECT p.id, p.sku, p.name, p.description, p.image_uri IS NOT NULL, c.name, p.confidence,
+    SELECT p.id, p.sku, p.name, p.description, p.image_uri IS NOT NULL, c.path, p.confidence,
            p.model_version_id, m.version, coalesce(h.top_k, '[]')
     FROM products p
     JOIN categories c ON c.id = p.predicted_id
@@ -179,12 +179,12 @@ def live_precision(engine: Engine, target: float) -> LivePrecision:
         rows = conn.execute(
             text(
                 """
-                SELECT c.name, GROUPING(c.name) = 1 AS overall, count(*),
+                SELECT c.path, GROUPING(c.path) = 1 AS overall, count(*),
                        count(*) FILTER (WHERE a.correct)
                 FROM audits a JOIN categories c ON c.id = a.predicted_id
                 WHERE a.model_version_id = (
                     SELECT id FROM model_versions WHERE status = 'champion')
-                GROUP BY ROLLUP (c.name)
+                GROUP BY ROLLUP (c.path)
                 HAVING count(*) > 0  -- no audits: no grand-total row either
                 """
             )

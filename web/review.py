@@ -52,7 +52,7 @@ class ReviewPage:
 PAGE_SQL = text(
     """
     SELECT p.id, p.sku, p.name, p.description, p.image_uri IS NOT NULL AS has_image,
-           c.name AS predicted, p.confidence, coalesce(h.top_k, '[]') AS top_k,
+           c.path AS predicted, p.confidence, coalesce(h.top_k, '[]') AS top_k,
            m.threshold, p.error
     FROM products p
     LEFT JOIN categories c ON c.id = p.predicted_id
