@@ -2,9 +2,10 @@
 
 A category is named by its path, the names from its root joined by `` > ``
 (``Cell Phones > Cell Phone Accessories``); a root's path is its name, so a flat
-label such as ``Audio`` is a path too. The database derives ``categories.path``
-from the parent and the name (migration 0004); this module only ever inserts a
-name under a parent.
+label such as ``Audio`` is a path too. ``>`` always separates levels, spaced or not
+(no name in the shared taxonomies or data holds one). The database derives
+``categories.path`` from the parent and the name (migration 0004); this module only
+ever inserts a name under a parent.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ class CategoryPathError(ValueError):
 
 def parse_path(path: str) -> tuple[str, ...]:
     """The names along ``path``, each stripped of surrounding spaces."""
-    # The separator is " > " with its spaces: a bare ">" may be part of a name.
-    parts = tuple(part.strip() for part in path.split(SEPARATOR))
+    parts = tuple(part.strip() for part in path.split(">"))
     if not all(parts):
         raise CategoryPathError(
             f"category path {path!r} has an empty level; write names joined by ' > '"
@@ -39,8 +39,13 @@ def normalize_path(path: str) -> str:
     return SEPARATOR.join(parse_path(path))
 
 
+def top_level(path: str) -> str:
+    """The root's name of ``path``: the label a flat, top-level classifier learns."""
+    return path.split(">", 1)[0].strip()
+
+
 def is_valid_path(path: str) -> bool:
-    return all(part.strip() for part in path.split(SEPARATOR))
+    return all(part.strip() for part in path.split(">"))
 
 
 def with_ancestors(paths: Iterable[str]) -> set[str]:

@@ -1,5 +1,9 @@
 """Imports products from the shared CSV schema or Best Buy's open-data ``products.json``.
 
+A product's label is a category path (``Cell Phones > Cell Phone Accessories``) at any
+depth: a CSV's ``category_path`` column where the file has one, else its ``category``;
+Best Buy's whole ``categoryPath``. Missing categories and their ancestors are created.
+
 Rows are validated one by one: a bad row is reported with its line number and
 skipped, and every good row lands. Upserts go by sku; the products trigger
 queues new and changed rows, so the importer never touches the queue.
@@ -19,15 +23,27 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from shelver.catalog.categories import category_ids, ensure_categories
+from shelver.catalog.categories import (
+    SEPARATOR,
+    category_ids,
+    ensure_categories,
+    is_valid_path,
+    normalize_path,
+)
 from shelver.catalog.images import RootCheck
 from shelver.catalog.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("id", "name", "description", "category", "image", "source")
+CSV_COLUMNS = ("id", "name", "description", "category", "category_path", "image", "source")
 # Far above any real product, low enough that one row cannot bloat a batch.
-FIELD_LIMITS = {"sku": 200, "name": 2_000, "description": 200_000, "category": 300, "image": 4_000}
+FIELD_LIMITS = {
+    "sku": 200,
+    "name": 2_000,
+    "description": 200_000,
+    "category": 1_000,  # a whole path; the longest in the shared taxonomies is 215
+    "image": 4_000,
+}
 CHUNK_ROWS = 2_000
 # What surrogateescape turns undecodable bytes into.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -45,6 +61,7 @@ class ImportRecord:
     sku: str
     name: str
     description: str
+    # The label as a category path, names joined by " > "; a top-level label is a path too.
     category: str | None
     image_uri: str | None
 
@@ -99,6 +116,8 @@ def _check(row: ImportRecord) -> str | None:
         return "no id"
     if not row.name.strip():
         return "no name"
+    if row.category and not is_valid_path(row.category):
+        return f"category path {row.category!r} has an empty level; join names with ' > '"
     return None
 
 
@@ -141,12 +160,13 @@ def read_csv(path: Path, *, labeled: bool = True) -> Iterator[ImportRecord | Rej
         def get(column: str, row: list[str] = values) -> str:
             return row[index[column]] if column in index else ""
 
+        category = (get("category_path").strip() or get("category").strip()) or None
         yield ImportRecord(
             line=start,
             sku=get("id").strip(),
             name=get("name").strip(),
             description=get("description").strip(),
-            category=(get("category").strip() or None) if labeled else None,
+            category=_label(category) if labeled else None,
             image_uri=_resolve_image(get("image"), base),
         )
 
@@ -154,8 +174,8 @@ def read_csv(path: Path, *, labeled: bool = True) -> Iterator[ImportRecord | Rej
 def read_bestbuy_json(path: Path, *, labeled: bool = True) -> Iterator[ImportRecord | Rejection]:
     """Best Buy open data: a JSON array of products (or {"products": [...]}).
 
-    The label is the first entry of ``categoryPath`` (older dumps call it
-    ``category``). Line numbers are the product's position in the array,
+    The label is the whole ``categoryPath`` (older dumps call it ``category``), its
+    names joined into a path. Line numbers are the product's position in the array,
     since JSON products do not map to lines.
     """
     try:
@@ -174,8 +194,11 @@ def read_bestbuy_json(path: Path, *, labeled: bool = True) -> Iterator[ImportRec
         path_entries = item.get("categoryPath") or item.get("category") or []
         category = None
         if labeled and isinstance(path_entries, list) and path_entries:
-            first = path_entries[0]
-            category = (first.get("name") if isinstance(first, dict) else str(first)) or None
+            names = [
+                str((entry.get("name") if isinstance(entry, dict) else entry) or "")
+                for entry in path_entries
+            ]
+            category = SEPARATOR.join(names)
         description = next(
             (
                 str(item[k])
@@ -190,9 +213,17 @@ def read_bestbuy_json(path: Path, *, labeled: bool = True) -> Iterator[ImportRec
             sku=str(item.get("sku") or "").strip(),
             name=str(item.get("name") or "").strip(),
             description=description.strip(),
-            category=category.strip() if category else None,
+            category=_label(category),
             image_uri=_resolve_image(str(image), base),
         )
+
+
+def _label(category: str | None) -> str | None:
+    """The category path with spaces around each name trimmed; a bad one is kept as given,
+    for _check to reject with the file's own spelling."""
+    if not category or not category.strip():
+        return None
+    return normalize_path(category) if is_valid_path(category) else category
 
 
 def read_products(path: Path, *, labeled: bool = True) -> Iterator[ImportRecord | Rejection]:

@@ -49,9 +49,9 @@ def test_a_path_creates_its_missing_ancestors_once(engine: Engine) -> None:
 def test_a_name_may_repeat_under_different_parents(engine: Engine) -> None:
     with engine.begin() as conn:
         ensure_categories(conn, ["Audio > Accessories", "Cameras > Accessories"])
-        ids = category_ids(conn, ["Audio > Accessories", "Cameras >Accessories", "Cameras>x"])
-    # Spaces around a name are trimmed; a ">" without its spaces is part of a name.
-    assert set(ids) == {"Audio > Accessories"}
+        ids = category_ids(conn, ["Audio > Accessories", "Cameras>Accessories", "Cameras>x"])
+    # ">" separates levels with or without spaces around it.
+    assert set(ids) == {"Audio > Accessories", "Cameras>Accessories"}
     with engine.begin() as conn:
         ids = category_ids(conn, ["Audio > Accessories", "Cameras  >  Accessories", "Nope"])
     assert len(set(ids.values())) == 2 and "Nope" not in ids

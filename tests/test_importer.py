@@ -25,7 +25,7 @@ def products(engine: Engine) -> dict[str, tuple]:
     with engine.connect() as conn:
         rows = conn.execute(
             text(
-                "SELECT p.sku, p.name, c.name, p.label_source, p.image_uri FROM products p "
+                "SELECT p.sku, p.name, c.path, p.label_source, p.image_uri FROM products p "
                 "LEFT JOIN categories c ON c.id = p.label_id"
             )
         )
@@ -128,7 +128,7 @@ def test_bestbuy_products_json(engine: Engine, tmp_path: Path) -> None:
     rows = products(engine)
     assert rows["43900"] == (
         "Duracell - AAA Batteries (4-Pack)",
-        "Connected Home & Housewares",
+        "Connected Home & Housewares > Housewares",  # the whole categoryPath
         "import",
         "https://img.example/43900_sa.jpg",
     )

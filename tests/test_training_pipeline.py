@@ -68,14 +68,15 @@ def statuses(engine: Engine) -> dict[str, str]:
 
 
 def keep_labels(engine: Engine, per_class: int) -> None:
-    """Leave only the first ``per_class`` labels of each category (by product id)."""
+    """Leave only the first ``per_class`` labels of each top-level category (by product id)."""
     with engine.begin() as conn:
         conn.execute(
             text(
                 """
                 UPDATE products p SET label_id = NULL, label_source = NULL
-                FROM (SELECT id, row_number() OVER (PARTITION BY label_id ORDER BY id) AS k
-                      FROM products WHERE label_id IS NOT NULL) r
+                FROM (SELECT p.id, row_number() OVER (
+                          PARTITION BY split_part(c.path, ' > ', 1) ORDER BY p.id) AS k
+                      FROM products p JOIN categories c ON c.id = p.label_id) r
                 WHERE p.id = r.id AND r.k > :n
                 """
             ),
@@ -101,6 +102,11 @@ def test_train_report_gate_rollback_and_evaluate(
     }
     metrics = json.loads((report / "metrics.json").read_text())
     assert {"accuracy", "macro_f1", "per_class", "ece", "coverage"} <= set(metrics["test"])
+    # Flipkart's paths are 2 or 3 levels deep; the flat model answers the top level only.
+    assert set(metrics["test"]["levels"]) == {"1", "2", "3"}
+    assert metrics["test"]["levels"]["1"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert metrics["test"]["levels"]["2"]["coverage"] == 0.0
+    assert 0.0 < metrics["test"]["hierarchical"]["recall"] < metrics["test"]["accuracy"]
     assert "macro_f1" in metrics["baseline"]
 
     # v2: all 40 labels per category; better on its own test rows, so promoted.
@@ -139,8 +145,10 @@ def test_train_report_gate_rollback_and_evaluate(
     assert runs == ["succeeded"] * 3
 
     held_out = [r for rows in by_class.values() for r in rows[40:48]]
-    held_out += [dict(held_out[0], id="x1", category="Garden"), dict(held_out[1], id="x2",
-                                                                   category="Garden")]  # fmt: skip
+    held_out += [
+        dict(held_out[0], id="x1", category="Garden", category_path="Garden > Tools"),
+        dict(held_out[1], id="x2", category="Garden", category_path="Garden"),
+    ]
     result = shelver(env, "evaluate", str(write_csv(tmp_path / "held.csv", held_out)), "--json")
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
@@ -149,6 +157,16 @@ def test_train_report_gate_rollback_and_evaluate(
     assert scores["unknown_categories"] == {"Garden": 2}
     assert scores["per_class"]["Garden"]["recall"] == 0.0
     assert 0.0 < scores["accuracy"] <= (len(held_out) - 2) / len(held_out)
+    # Whole paths against the flat model's top-level answers: exact at level 1, nothing below.
+    assert scores["levels"]["1"]["accuracy"] == pytest.approx(scores["accuracy"])
+    assert scores["levels"]["1"]["macro_f1"] == pytest.approx(scores["macro_f1"])
+    assert scores["levels"]["2"]["n"] == len(held_out) - 1
+    assert scores["levels"]["2"]["coverage"] == 0.0
+    hierarchical = scores["hierarchical"]
+    assert hierarchical["precision"] == pytest.approx(scores["accuracy"])
+    assert 0.0 < hierarchical["recall"] < hierarchical["precision"]
+    # Every true path but one ("Garden", never predicted) lies below the model's answer.
+    assert hierarchical["path_accuracy"] == 0.0
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM products")).scalar_one() == products_before
 

@@ -14,6 +14,7 @@ import numpy as np
 from sqlalchemy import Engine, text
 
 from shelver.catalog import embeddings
+from shelver.catalog.categories import top_level
 from shelver.catalog.settings import Settings
 from shelver.training.splits import title_prefix_groups
 from shelver.worker.encoders import ImageEncoder, TextEncoder
@@ -28,16 +29,22 @@ CHUNK = 256
 
 @dataclass
 class TrainingData:
-    """Labeled model inputs, one label per row; ``groups`` keep near-duplicates together."""
+    """Labeled model inputs, one label per row; ``groups`` keep near-duplicates together.
+
+    ``labels`` are what the model learns: top-level categories. ``paths`` are the rows'
+    whole category paths, for the metrics that fit a tree (training/hierarchy.py).
+    """
 
     inputs: ModelInputs
     labels: list[str]
     groups: list[str] | None = None
+    paths: list[str] | None = None
 
     def __post_init__(self) -> None:
         sizes = {len(self.inputs), len(self.labels)}
-        if self.groups is not None:
-            sizes.add(len(self.groups))
+        for optional in (self.groups, self.paths):
+            if optional is not None:
+                sizes.add(len(optional))
         if len(sizes) > 1:
             raise ValueError(f"training data: inputs, labels and groups differ in rows: {sizes}")
 
@@ -46,6 +53,7 @@ class TrainingData:
             inputs=self.inputs.subset(rows),
             labels=[self.labels[i] for i in rows],
             groups=None if self.groups is None else [self.groups[i] for i in rows],
+            paths=None if self.paths is None else [self.paths[i] for i in rows],
         )
 
 
@@ -58,11 +66,12 @@ class LabeledSet:
 
 
 def labeled_products(engine: Engine) -> list[tuple[ProductContent, str]]:
+    """Every labeled product with its label's whole category path."""
     with engine.connect() as conn:
         rows = conn.execute(
             text(
                 """
-                SELECT p.id, p.content_hash, p.name, p.description, p.image_uri, c.name
+                SELECT p.id, p.content_hash, p.name, p.description, p.image_uri, c.path
                 FROM products p JOIN categories c ON c.id = p.label_id
                 ORDER BY p.id
                 """
@@ -103,7 +112,8 @@ def load_labeled_set(
             progress(min(start + CHUNK, len(rows)), len(rows))
     data = TrainingData(
         inputs=ModelInputs.concat([f.inputs for f in parts]),
-        labels=[label for _, label in rows],
+        labels=[top_level(path) for _, path in rows],
+        paths=[path for _, path in rows],
         # Near-identical titles stay on one side of the split, and each title's side is
         # stable from one run to the next (see training/splits.py).
         groups=title_prefix_groups([product.name for product, _ in rows]),

@@ -40,6 +40,7 @@ from shelver.training.baseline import fit_baseline
 from shelver.training.dataset import TrainingData
 from shelver.training.evaluate import choose_threshold, evaluate
 from shelver.training.export import export_artifact
+from shelver.training.hierarchy import hierarchical_metrics
 from shelver.training.splits import Split, stratified_split
 from shelver.worker.fusion import FusionModel, fusion_inputs
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
@@ -455,6 +456,11 @@ def train(
     served = FusionModel.from_artifact(exported.artifact, exported.sha256)
     test_probs = served.predict(test.inputs)
     test_metrics = evaluate(test.labels, test_probs, fitted.labels, threshold, report_dir)
+    test_metrics.update(
+        hierarchical_metrics(
+            test.paths or test.labels, [fitted.labels[k] for k in test_probs.argmax(axis=1)]
+        )
+    )
 
     started = time.perf_counter()
     rest = data.subset(np.concatenate([split.train, split.val]))

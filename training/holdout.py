@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
+from shelver.catalog.categories import top_level
 from shelver.catalog.importer import ImportRecord, ImportReport, read_products, valid_rows
 from shelver.catalog.settings import Settings
 from shelver.training.dataset import TrainingData
 from shelver.training.evaluate import evaluate
+from shelver.training.hierarchy import hierarchical_metrics
 from shelver.worker.encoders import load_encoders
 from shelver.worker.featurize import embed_products
 from shelver.worker.fusion import FusionModel
@@ -65,7 +67,11 @@ class FileEvaluation:
 
 
 def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEvaluation:
-    """Score ``model`` on a labeled file, without writing its rows to the catalog."""
+    """Score ``model`` on a labeled file, without writing its rows to the catalog.
+
+    The flat figures compare top levels, the model's labels being top-level categories;
+    ``hierarchical`` and ``levels`` compare the rows' whole paths with the predicted ones.
+    """
     report = ImportReport()
     rows: list[ImportRecord] = [
         r for r in valid_rows(read_products(path, labeled=True), report) if r.category
@@ -81,7 +87,11 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
         None, products, text_encoder, image_encoder, settings, text_packing=model.text_packing
     )
     probs = model.predict(features.inputs)
-    metrics = score_predictions([r.category for r in rows], probs, model.labels, model.threshold)
+    paths = [r.category for r in rows if r.category]
+    metrics = score_predictions(
+        [top_level(path) for path in paths], probs, model.labels, model.threshold
+    )
+    metrics.update(hierarchical_metrics(paths, [model.labels[k] for k in probs.argmax(axis=1)]))
     metrics["images"] = features.images.as_dict()
     metrics["warnings"] = [w for w in [features.images.text_only_warning()] if w]
     return FileEvaluation(metrics, report, features.images)

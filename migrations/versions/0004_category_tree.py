@@ -8,7 +8,8 @@ longer be unique ("Accessories" sits under many parents); paths are.
 Today's flat categories become roots under their own name, keeping their ids, so
 no label, prediction or audit changes. A flat name that already spelled a path
 (``Cell Phones > Cases``, given by a label file or psql) becomes that node of the
-tree, its missing ancestors created, still under its own id.
+tree, its missing ancestors created, still under its own id. ``>`` separates levels:
+no name holds one.
 
 Revision ID: 0004
 Revises: 0003
@@ -89,8 +90,8 @@ def upgrade() -> None:
     # Shallow first, so a spelled-out ancestor is placed before its descendants.
     spelled = conn.execute(
         text(
-            "SELECT id, name FROM categories WHERE position(' > ' IN name) > 0 "
-            "ORDER BY array_length(string_to_array(name, ' > '), 1), id"
+            "SELECT id, name FROM categories WHERE position('>' IN name) > 0 "
+            "ORDER BY array_length(string_to_array(name, '>'), 1), id"
         )
     ).all()
     for category_id, name in spelled:
@@ -98,14 +99,14 @@ def upgrade() -> None:
     op.execute(
         """
         ALTER TABLE categories ADD CONSTRAINT categories_name_is_one_level
-            CHECK (name <> '' AND position(' > ' IN name) = 0)
+            CHECK (name <> '' AND position('>' IN name) = 0)
         """
     )
 
 
 def _place(conn, category_id: int, spelled_path: str) -> None:  # noqa: ANN001
     """Make the flat category named ``spelled_path`` the tree node at that path, same id."""
-    parts = [part.strip() for part in spelled_path.split(SEPARATOR)]
+    parts = [part.strip() for part in spelled_path.split(">")]
     if not all(parts):
         raise RuntimeError(
             f"category {category_id} is named {spelled_path!r}, which has an empty level; "

@@ -29,6 +29,7 @@ from shelver.worker.cli import (
     models,
     serve,
     status,
+    taxonomy,
     train,
     users,
     worker,
@@ -45,6 +46,7 @@ app = typer.Typer(
 app.add_typer(db.app, name="db")
 app.command("import")(import_products.import_products)
 app.command("status")(status.status)
+app.add_typer(taxonomy.app, name="taxonomy")
 # The event path.
 app.command("dispatch")(dispatch.dispatch)
 app.command("worker")(worker.run_worker)

@@ -42,6 +42,16 @@ def evaluate_command(
         f"{record.version} on {path}: n={metrics['n']} accuracy={metrics['accuracy']:.4f} "
         f"macro-F1={metrics['macro_f1']:.4f} coverage={metrics['coverage']:.3f}"
     )
+    tree = metrics["hierarchical"]
+    console.print(
+        f"hierarchical: precision={tree['precision']:.4f} recall={tree['recall']:.4f} "
+        f"F1={tree['f1']:.4f} path accuracy={tree['path_accuracy']:.4f}"
+    )
+    for level, row in metrics["levels"].items():
+        console.print(
+            f"  level {level}: n={row['n']} accuracy={row['accuracy']:.4f} "
+            f"macro-F1={row['macro_f1']:.4f} coverage={row['coverage']:.3f}"
+        )
     table = Table()
     for column in ("category", "precision", "recall", "F1", "support"):
         table.add_column(column)

@@ -1,0 +1,71 @@
+"""Tree metrics against values worked out by hand, and a flat data set scoring as before."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shelver.training.evaluate import evaluate
+from shelver.training.hierarchy import hierarchical_metrics
+
+TRUE = ["A > B > C", "A > B", "D", "A > E"]
+PREDICTED = ["A > B", "A > B > F", "D > X", "A > B"]
+
+
+def test_ancestor_sets_give_partial_credit_micro_averaged_over_rows() -> None:
+    scores = hierarchical_metrics(TRUE, PREDICTED)["hierarchical"]
+    # Shared prefixes per row: 2 (A, A>B), 2 (A, A>B), 1 (D), 1 (A) -> 6 hits.
+    # Predicted prefixes: 2 + 3 + 2 + 2 = 9; true prefixes: 3 + 2 + 1 + 2 = 8.
+    assert scores["precision"] == pytest.approx(6 / 9)
+    assert scores["recall"] == pytest.approx(6 / 8)
+    assert scores["f1"] == pytest.approx(12 / 17)
+
+
+def test_path_accuracy_counts_rows_predicted_at_or_below_their_true_node() -> None:
+    # Row 1 stops above its node, row 4 takes the wrong branch; rows 2 and 3 go below theirs.
+    assert hierarchical_metrics(TRUE, PREDICTED)["hierarchical"]["path_accuracy"] == 0.5
+
+
+def test_each_level_compares_the_first_parts_over_rows_that_deep() -> None:
+    levels = hierarchical_metrics(TRUE, PREDICTED)["levels"]
+    assert levels["1"] == {"n": 4, "accuracy": 1.0, "macro_f1": 1.0, "coverage": 1.0}
+    # Level 2: rows 1, 2, 4. A > B: support 2, predicted 3 times, 2 right -> P 2/3, R 1, F1 0.8;
+    # A > E: never predicted -> F1 0.
+    assert levels["2"] == pytest.approx(
+        {"n": 3, "accuracy": 2 / 3, "macro_f1": 0.4, "coverage": 1.0}
+    )
+    # Level 3: row 1 only, whose prediction stops at level 2: not covered, not right.
+    assert levels["3"] == {"n": 1, "accuracy": 0.0, "macro_f1": 0.0, "coverage": 0.0}
+    assert set(levels) == {"1", "2", "3"}
+
+
+def test_a_flat_model_is_exact_at_level_one_and_uncovered_below() -> None:
+    scores = hierarchical_metrics(["A > B", "C > D > E", "A"], ["A", "C", "C"])
+    assert scores["levels"]["1"]["accuracy"] == pytest.approx(2 / 3)
+    assert scores["levels"]["2"] == {"n": 2, "accuracy": 0.0, "macro_f1": 0.0, "coverage": 0.0}
+    # Hits 1 + 1 + 0 over 3 predicted and 6 true prefixes.
+    assert scores["hierarchical"]["precision"] == pytest.approx(2 / 3)
+    assert scores["hierarchical"]["recall"] == pytest.approx(2 / 6)
+
+
+def test_a_flat_data_set_scores_as_the_flat_metrics() -> None:
+    rng = np.random.default_rng(7)
+    labels = ["Audio", "Cameras", "Phones", "Toys"]
+    y_true = [labels[i] for i in rng.integers(0, 3, size=200)]  # "Toys" never true
+    probs = rng.dirichlet(np.ones(len(labels)), size=200)
+    predicted = [labels[k] for k in probs.argmax(axis=1)]
+    flat = evaluate(y_true, probs, labels)
+    scores = hierarchical_metrics(y_true, predicted)
+    assert flat["accuracy"] < 0.5  # a real mix of right and wrong, predicted "Toys" included
+    assert "Toys" in predicted
+    for key in ("precision", "recall", "f1"):
+        assert scores["hierarchical"][key] == pytest.approx(flat["accuracy"])
+    assert scores["hierarchical"]["path_accuracy"] == pytest.approx(flat["accuracy"])
+    assert scores["levels"]["1"]["accuracy"] == pytest.approx(flat["accuracy"])
+    assert scores["levels"]["1"]["macro_f1"] == pytest.approx(flat["macro_f1"])
+    assert list(scores["levels"]) == ["1"]
+
+
+def test_true_and_predicted_must_pair_up() -> None:
+    with pytest.raises(ValueError, match="2 true paths but 1 predicted"):
+        hierarchical_metrics(["A", "B"], ["A"])
