@@ -56,8 +56,13 @@ def centroid_artifact(
     *,
     threshold: float = 0.5,
     scale: float = 25.0,
+    extra_meta: dict | None = None,
 ) -> bytes:
-    """A real fusion artifact: softmax(scale * cosine to each class's mean text embedding)."""
+    """A real fusion artifact: softmax(scale * cosine to each class's mean text embedding).
+
+    The ``examples`` keys are its labels (category paths, of any depth); ``extra_meta``
+    adds to its meta.json (e.g. ``level_thresholds``).
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -100,6 +105,7 @@ def centroid_artifact(
         "text_dim": text_encoder.dim,
         "image_dim": d_img,
         "lexical": None,
+        **(extra_meta or {}),
     }
     return build_artifact(model.SerializeToString(), meta)
 

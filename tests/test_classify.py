@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 from support import (
@@ -25,6 +26,8 @@ from shelver.catalog.queue import claim_batch
 from shelver.catalog.settings import Settings
 from shelver.worker.classify import FusionClassifier, classify_products, load_rows, write_results
 from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
+from shelver.worker.fusion import FusionModel, sha256_hex
+from shelver.worker.inputs import ModelInputs
 from shelver.worker.runtime import Runtime
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -251,3 +254,120 @@ def test_new_champion_is_swapped_in_and_a_tampered_one_refused(
         )
     assert runtime.champion().version == "centroid-2"
     assert runtime.champion().model_version_id == second_id
+
+
+# --- backoff on a category tree ----------------------------------------------------------------
+
+PHONE = "Apple iPhone 7 32GB Gold Unlocked smartphone"
+
+
+def tree_examples(fixture_data: Path) -> dict[str, list[str]]:
+    """Labels at two depths: Cell Phones split in two leaves, the rest flat roots."""
+    titles = training_titles(fixture_data)
+    phones = titles.pop("Cell Phones")
+    return {
+        "Cell Phones > Unlocked Phones": phones[::2],
+        "Cell Phones > Prepaid Phones": phones[1::2],
+        **titles,
+    }
+
+
+def phone_path_probs(encoders, examples: dict[str, list[str]]) -> tuple[float, float]:  # noqa: ANN001
+    """The tree model's probability of Cell Phones and of the phone's leaf candidate."""
+    text_encoder, image_encoder = encoders
+    artifact = centroid_artifact(text_encoder, image_encoder, examples)
+    model = FusionModel.from_artifact(artifact, sha256_hex(artifact))
+    emb = text_encoder.encode([PHONE])
+    inputs = ModelInputs(
+        [PHONE], [PHONE], emb, np.zeros((1, image_encoder.dim)), np.zeros(1, dtype=np.float32)
+    )
+    decision = model.tree.decide(model.tree.node_probs(model.predict(inputs))[0], [0.0, 0.0])
+    assert decision.candidate.startswith("Cell Phones > ")
+    root, leaf = decision.path_probs
+    assert leaf < root, "the two phone leaves must share the root's probability"
+    return root, leaf
+
+
+def classify_phone(engine: Engine, settings: Settings, encoders, artifact: bytes, level1: float):  # noqa: ANN001, ANN201
+    register_champion(engine, artifact, "tree-1", threshold=level1)
+    runtime = Runtime(engine, settings, *encoders)
+    insert_products(engine, [{"sku": "phone", "name": PHONE}])
+    with session_scope(engine) as db:
+        classify_products(db, claim_all(engine), classifier_for(runtime))
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                """
+                SELECT p.status, c.path, p.confidence, h.top_k, hc.path AS history_path
+                FROM products p
+                JOIN categories c ON c.id = p.predicted_id
+                JOIN predictions h ON h.product_id = p.id
+                JOIN categories hc ON hc.id = h.predicted_id
+                WHERE p.sku = 'phone'
+                """
+            )
+        ).one()
+
+
+@pytest.mark.slow
+def test_unsure_leaf_under_a_sure_parent_gets_the_parent(
+    engine: Engine,
+    settings: Settings,
+    encoders,
+    fixture_data: Path,  # noqa: ANN001
+) -> None:
+    examples = tree_examples(fixture_data)
+    root, leaf = phone_path_probs(encoders, examples)
+    # Level 1 sure at the phone's root probability, level 2 just above its leaf's.
+    artifact = centroid_artifact(
+        *encoders, examples, threshold=root, extra_meta={"level_thresholds": [root, leaf + 1e-3]}
+    )
+    status, path, confidence, top_k, history_path = classify_phone(
+        engine, settings, encoders, artifact, level1=root - 1e-6
+    )
+    assert (status, path, history_path) == ("classified", "Cell Phones", "Cell Phones")
+    assert confidence == pytest.approx(root, abs=1e-5)
+    # The history keeps the leaf candidate first, then other label paths.
+    assert top_k[0]["category"].startswith("Cell Phones > ")
+    assert top_k[0]["p"] == pytest.approx(leaf, abs=1e-5)
+    assert len(top_k) == 3 and {t["category"] for t in top_k} <= set(examples)
+
+
+@pytest.mark.slow
+def test_sure_leaf_is_written_at_its_depth(
+    engine: Engine,
+    settings: Settings,
+    encoders,
+    fixture_data: Path,  # noqa: ANN001
+) -> None:
+    examples = tree_examples(fixture_data)
+    root, leaf = phone_path_probs(encoders, examples)
+    artifact = centroid_artifact(
+        *encoders, examples, threshold=root, extra_meta={"level_thresholds": [root, leaf - 1e-3]}
+    )
+    status, path, confidence, top_k, _ = classify_phone(
+        engine, settings, encoders, artifact, level1=root - 1e-6
+    )
+    assert status == "classified" and path == top_k[0]["category"]
+    assert path.startswith("Cell Phones > ") and confidence == pytest.approx(leaf, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_unsure_at_every_level_goes_to_review_with_the_leaf_candidate(
+    engine: Engine,
+    settings: Settings,
+    encoders,
+    fixture_data: Path,  # noqa: ANN001
+) -> None:
+    examples = tree_examples(fixture_data)
+    root, leaf = phone_path_probs(encoders, examples)
+    artifact = centroid_artifact(
+        *encoders, examples, threshold=root, extra_meta={"level_thresholds": [root, leaf]}
+    )
+    status, path, confidence, top_k, history_path = classify_phone(
+        engine, settings, encoders, artifact, level1=root + 1e-3
+    )
+    assert status == "needs_review"
+    # The suggestion a person sees, and the history, are the leaf candidate.
+    assert path == history_path == top_k[0]["category"]
+    assert path.startswith("Cell Phones > ") and confidence == pytest.approx(leaf, abs=1e-5)

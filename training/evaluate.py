@@ -2,12 +2,14 @@
 
 Owns the metrics (accuracy, macro-F1, per-class precision/recall/F1, ECE), the
 auto-accept threshold (the lowest confidence whose accepted validation rows reach the
-target precision) with the coverage it gives on test, and the report PNGs (confusion
-matrix, reliability diagram). Everything returned is JSON-able.
+target precision), one per tree level for backoff, with the coverage they give on
+test, and the report PNGs (confusion matrix, reliability diagram). Everything returned is JSON-able.
 
 API:
     metrics = evaluate(y_true, probs, labels, threshold=t, report_dir=path)
     t = choose_threshold(y_val, probs_val, labels, target_precision=0.97)
+    ts = choose_level_thresholds(paths_val, probs_val, labels, target_precision=0.97)
+    figures = backoff_metrics(paths_test, probs_test, labels, ts)
 
 A packaged model is scored on labeled rows by ``training.holdout.score_model``.
 """
@@ -15,11 +17,14 @@ A packaged model is scored on labeled rows by ``training.holdout.score_model``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from shelver.worker.tree import LabelTree, path_parts
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +78,26 @@ def choose_threshold(
     the mistakes are, are never sent to review.
     """
     y = _indices(y_true, labels)
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    weight = np.ones(len(y))
-    if class_balanced:
-        weight = 1.0 / np.bincount(y, minlength=len(labels))[y]
+    weight = 1.0 / np.bincount(y, minlength=len(labels))[y] if class_balanced else None
+    return loosest_threshold(probs.max(axis=1), probs.argmax(axis=1) == y, target_precision, weight)
+
+
+def loosest_threshold(
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    target_precision: float,
+    weight: np.ndarray | None = None,
+) -> float:
+    """The lowest t whose rows with ``confidence >= t`` are ``correct`` often enough
+    (``weight`` per row, 1 by default); above every confidence when none is."""
+    if len(confidence) == 0:
+        return 1.0
+    weight = np.ones(len(confidence)) if weight is None else weight
     order = np.argsort(-confidence, kind="stable")
     precision = np.cumsum((weight * correct)[order]) / np.cumsum(weight[order])
     ok = np.nonzero(precision >= target_precision)[0]
     if len(ok) == 0:
-        return float(min(1.0, confidence.max() + 1e-6)) if len(confidence) else 1.0
+        return float(min(1.0, confidence.max() + 1e-6))
     last = ok[-1]
     # Ties: every row at the chosen confidence is accepted together, so step back to
     # the last position where the confidence strictly drops.
@@ -92,6 +107,86 @@ def choose_threshold(
     if precision[last] < target_precision:
         threshold = np.nextafter(threshold, np.float32(2.0))
     return float(threshold)
+
+
+def choose_level_thresholds(
+    true_paths: Sequence[str],
+    probs: np.ndarray,
+    labels: Sequence[str],
+    target_precision: float = 0.97,
+    class_balanced: bool = False,
+) -> list[float]:
+    """One auto-accept threshold per tree level, level 1 first (``worker.tree``).
+
+    Level by level from the top, over the rows the worker would consider there: those
+    whose leaf candidate reaches the level, whose true path does (a coarse label says
+    nothing about the level below it) and whose levels above were accepted at the
+    thresholds already chosen. A node is right when it is the true path's prefix;
+    ``class_balanced`` weighs rows by 1 / (rows of their true node at this level), as
+    ``choose_threshold`` does per category. The list stops at the first level with no
+    such row: nothing deeper was measured, so nothing deeper is accepted.
+
+    A flat label set is a tree of depth 1, and its one threshold is
+    ``choose_threshold``'s.
+    """
+    tree = LabelTree(labels)
+    nodes = tree.node_probs(probs)
+    truths = [path_parts(t) for t in true_paths]
+    paths = [tree.candidate_path(row) for row in nodes]
+    open_rows = np.ones(len(truths), dtype=bool)
+    thresholds: list[float] = []
+    for level in range(1, tree.depth + 1):
+        rows = [
+            i for i in np.nonzero(open_rows)[0]
+            if len(paths[i]) >= level and len(truths[i]) >= level
+        ]  # fmt: skip
+        if not rows:
+            break
+        confidence = np.array([nodes[i, paths[i][level - 1]] for i in rows])
+        truth = [truths[i][:level] for i in rows]
+        named = [path_parts(tree.nodes[paths[i][level - 1]]) for i in rows]
+        correct = np.array([n == t for n, t in zip(named, truth, strict=True)])
+        weight = None
+        if class_balanced:
+            counts = Counter(truth)
+            weight = np.array([1.0 / counts[t] for t in truth])
+        threshold = loosest_threshold(confidence, correct, target_precision, weight)
+        thresholds.append(threshold)
+        open_rows[:] = False
+        open_rows[[i for i, c in zip(rows, confidence, strict=True) if c >= threshold]] = True
+    return thresholds or [1.0]
+
+
+def backoff_metrics(
+    true_paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], thresholds: Sequence[float]
+) -> dict:
+    """What backoff does at ``thresholds``: per level, how many rows were accepted there
+    or deeper and how often the accepted node was right (only over rows whose true path
+    reaches the level), and the share left for review. JSON-able."""
+    tree = LabelTree(labels)
+    nodes = tree.node_probs(probs)
+    decisions = [tree.decide(row, thresholds) for row in nodes]
+    truths = [path_parts(t) for t in true_paths]
+    levels = {}
+    for level in range(1, len(thresholds) + 1):
+        rows = [i for i, t in enumerate(truths) if len(t) >= level]
+        accepted = [i for i in rows if decisions[i].accepted_level >= level]
+        right = sum(
+            path_parts(decisions[i].accepted)[:level] == truths[i][:level] for i in accepted
+        )
+        levels[str(level)] = {
+            "threshold": float(thresholds[level - 1]),
+            "n": len(rows),
+            "coverage": len(accepted) / len(rows) if rows else 0.0,
+            "precision": right / len(accepted) if accepted else None,
+        }
+    n = len(decisions)
+    return {
+        "levels": levels,
+        "needs_review": sum(d.accepted is None for d in decisions) / n if n else 0.0,
+        "candidates": [d.candidate for d in decisions],
+        "accepted": [d.accepted for d in decisions],
+    }
 
 
 def evaluate(

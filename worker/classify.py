@@ -27,6 +27,7 @@ from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.featurize import embed_products
 from shelver.worker.images import ImageSettings, ImageUsage
 from shelver.worker.inputs import ProductContent
+from shelver.worker.tree import LabelTree
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,18 @@ TOP_K = 3
 
 @dataclass
 class Outcome:
-    """The verdict on one product: a category, or a reason it could not get one."""
+    """The verdict on one product: a category, or a reason it could not get one.
+
+    ``category`` is the deepest node whose level was sure when ``accepted``; otherwise
+    the leaf candidate, for the person who reviews it. ``top_k`` starts with the leaf
+    candidate, then the other most probable label paths (``worker.tree``).
+    """
 
     product_id: int
     content_hash: str
     category: str | None = None
     confidence: float | None = None
+    accepted: bool = False
     top_k: list[dict] = field(default_factory=list)
     # Why part of the input was not used (e.g. the image); kept in products.error.
     note: str | None = None
@@ -60,7 +67,6 @@ class Classifier(Protocol):
     """Scores rows. The worker's is the fusion model; tests may bring a small real one."""
 
     model_version_id: int
-    threshold: float
 
     def score(self, db: Session, rows: Sequence[ProductContent]) -> ScoredBatch: ...
 
@@ -97,9 +103,17 @@ def load_rows(db: Session, product_ids: Sequence[int]) -> list[ProductContent]:
     return [ProductContent(*row) for row in db.execute(LOAD_SQL, {"ids": list(product_ids)})]
 
 
-def top_k(probs: np.ndarray, labels: Sequence[str], k: int = TOP_K) -> list[dict]:
-    order = np.argsort(-probs)[:k]
-    return [{"category": labels[i], "p": round(float(probs[i]), 6)} for i in order]
+def top_k(
+    probs: np.ndarray, node_probs: np.ndarray, tree: LabelTree, candidate: str, k: int = TOP_K
+) -> list[dict]:
+    """The leaf candidate, then the most probable other labels: ``k`` paths, each with
+    its node probability (itself and everything below it)."""
+    index = {node: i for i, node in enumerate(tree.nodes)}
+    others = [tree.labels[i] for i in np.argsort(-probs) if tree.labels[i] != candidate]
+    return [
+        {"category": path, "p": round(float(node_probs[index[path]]), 6)}
+        for path in [candidate, *others][:k]
+    ]
 
 
 class FusionClassifier:
@@ -117,7 +131,11 @@ class FusionClassifier:
         self.champion = champion
         self.image_settings = image_settings
         self.model_version_id: int = champion.model_version_id
-        self.threshold: float = champion.threshold
+        # Level 1's threshold is the registry row's; deeper levels come with the model.
+        self.thresholds: list[float] = [
+            champion.threshold,
+            *champion.model.level_thresholds[1:],
+        ]
 
     def score(self, db: Session, rows: Sequence[ProductContent]) -> ScoredBatch:
         model = self.champion.model
@@ -145,11 +163,18 @@ class FusionClassifier:
                 outcomes.append(Outcome(row.product_id, row.content_hash, note=note))
         if usable:
             probs = model.predict(features.inputs.subset(usable))
-            for i, p in zip(usable, probs, strict=True):
-                best = int(np.argmax(p))
-                outcomes[i].category = model.labels[best]
-                outcomes[i].confidence = float(p[best])
-                outcomes[i].top_k = top_k(p, model.labels)
+            nodes = model.tree.node_probs(probs)
+            for i, p, n in zip(usable, probs, nodes, strict=True):
+                decision = model.tree.decide(n, self.thresholds)
+                outcome = outcomes[i]
+                outcome.accepted = decision.accepted is not None
+                if outcome.accepted:
+                    outcome.category = decision.accepted
+                    outcome.confidence = decision.path_probs[decision.accepted_level - 1]
+                else:
+                    outcome.category = decision.candidate
+                    outcome.confidence = decision.path_probs[-1]
+                outcome.top_k = top_k(p, n, model.tree, decision.candidate)
         return ScoredBatch(
             outcomes,
             {
@@ -200,16 +225,18 @@ UPDATE_PRODUCTS_SQL = text(
         -- before encoding, and classified_at - created_at is our latency.
         classified_at = clock_timestamp(),
         error = x.note,
-        status = CASE WHEN x.confidence >= :threshold OR p.label_id IS NOT NULL
+        status = CASE WHEN x.accepted OR p.label_id IS NOT NULL
                       THEN 'classified' ELSE 'needs_review' END
     FROM unnest(CAST(:product_ids AS bigint[]), CAST(:predicted_ids AS integer[]),
-                CAST(:confidences AS double precision[]), CAST(:notes AS text[]))
-         AS x(id, predicted_id, confidence, note)
+                CAST(:confidences AS double precision[]), CAST(:accepted AS boolean[]),
+                CAST(:notes AS text[]))
+         AS x(id, predicted_id, confidence, accepted, note)
     WHERE p.id = x.id
     RETURNING p.status
     """
 )
-"""The current result. A product a person has labeled is never sent to review:
+"""The current result: the deepest sure node, or the leaf candidate for review when
+not even the top level was sure. A product a person has labeled is never sent to review:
 someone has already decided. Result columns are not in the trigger's content
 columns, so this update does not queue the product again."""
 
@@ -241,11 +268,11 @@ def write_results(
         ids = category_ids(db, names)
         params = {
             "model_version_id": classifier.model_version_id,
-            "threshold": classifier.threshold,
             "product_ids": [o.product_id for o in done],
             "content_hashes": [o.content_hash for o in done],
             "predicted_ids": [ids[o.category] for o in done],
             "confidences": [o.confidence for o in done],
+            "accepted": [o.accepted for o in done],
             "top_ks": [json.dumps(o.top_k) for o in done],
             "notes": [o.note for o in done],
         }

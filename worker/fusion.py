@@ -6,7 +6,10 @@ An artifact is a zip (stdlib ``zipfile``) of two members:
   (n, D), ``image_present`` (n, 1) and, with a lexical branch, ``lex_ids`` /
   ``lex_weights`` (n, L); output (n, K) class probabilities;
 - ``meta.json``: everything else needed to serve it — ``format_version``, ``labels``
-  (column order of the output), ``threshold`` (auto-accept confidence), ``encoders``
+  (column order of the output: category paths at any depth, ``worker.tree``),
+  ``threshold`` (auto-accept confidence of a top-level node), ``level_thresholds``
+  (optional: one per tree level, level 1 first; a model without them is accepted at
+  level 1 only, as flat models always were), ``encoders``
   (identities of the text/image encoders whose embeddings it expects), ``text_packing``
   (how name and description become the encoded text: a name in
   ``worker.inputs.TEXT_PACKINGS``), ``text_dim``/``image_dim``, ``inputs`` and
@@ -21,6 +24,7 @@ API:
     model = FusionModel.from_artifact(data, expected_sha256)    # worker side
     probs = model.predict(inputs)        # a worker.inputs.ModelInputs -> (n, K)
     model.labels, model.threshold, model.text_packing, model.meta
+    model.tree, model.level_thresholds   # backoff over the label paths (worker.tree)
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import onnxruntime as ort
 
 from shelver.worker.inputs import ModelInputs, UnknownTextPacking, text_packing_name
 from shelver.worker.lexical import LexicalVocabulary
+from shelver.worker.tree import LabelTree
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,12 @@ class FusionModel:
         self.meta = meta
         self.labels: list[str] = list(meta["labels"])
         self.threshold: float = float(meta["threshold"])
+        self.tree = LabelTree(self.labels)
+        # Level 1's is ``threshold`` (which the registry row may override); the deeper
+        # ones were chosen on validation with it.
+        self.level_thresholds: list[float] = [
+            float(t) for t in meta.get("level_thresholds") or [self.threshold]
+        ]
         # How the texts this model reads were packed (worker.inputs.TEXT_PACKINGS).
         self.text_packing: str = text_packing_name(meta["text_packing"])
         lexical = meta.get("lexical")

@@ -1,0 +1,133 @@
+"""The model's labels as a category tree: node probabilities, the leaf candidate, backoff.
+
+A model is trained on its label set: every distinct labeled path, at any depth (a
+coarse label such as ``Cell Phones`` is a label beside ``Cell Phones > Cases``). Its
+softmax is over those labels. A node of the tree is a label or a prefix of one, and
+its probability is the sum over the labels at or below it, so probabilities are
+consistent with the tree: a parent is always at least as likely as any child, and
+the roots sum to 1. A flat model is a tree of depth 1 and behaves as before.
+
+Deciding a row:
+- the **leaf candidate** walks down from the most probable root, each time to the
+  most probable child, and stops where the product itself (the label at this node)
+  is more likely than any child;
+- **backoff** accepts the candidate's ancestors from the root down while each meets
+  its level's threshold; the deepest accepted node is the answer, and a row whose
+  root is not sure is for a person.
+
+API:
+    tree = LabelTree(labels)                       # labels: paths, columns of the softmax
+    nodes = tree.node_probs(probs)                 # (n, len(tree.nodes))
+    tops = tree.root_probs(probs)                  # (n, len(tree.root_names))
+    decision = tree.decide(nodes[i], thresholds)   # thresholds[0] is level 1's
+    decision.candidate, decision.accepted, decision.path_probs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shelver.catalog.categories import SEPARATOR
+
+
+def path_parts(path: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in path.split(SEPARATOR))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One row's verdict on the tree."""
+
+    # The deepest node the model would name, whatever its confidence.
+    candidate: str
+    # The deepest node on the candidate's path whose level was sure, or None.
+    accepted: str | None
+    # Probability of each node from the root to the candidate, in order.
+    path_probs: tuple[float, ...]
+
+    @property
+    def accepted_level(self) -> int:
+        """1 for a root, 0 when nothing was sure."""
+        return 0 if self.accepted is None else len(path_parts(self.accepted))
+
+
+class LabelTree:
+    """The tree spanned by a model's label paths (see the module docstring)."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = [SEPARATOR.join(path_parts(label)) for label in labels]
+        parts = [path_parts(label) for label in self.labels]
+        nodes = sorted({p[:d] for p in parts for d in range(1, len(p) + 1)})
+        self.nodes = [SEPARATOR.join(n) for n in nodes]
+        index = {n: i for i, n in enumerate(nodes)}
+        self.depth = max((len(p) for p in parts), default=1)
+        self.level = np.array([len(n) for n in nodes], dtype=np.int64)
+        # The label column at each node, or -1 where a node is only a prefix.
+        self.self_label = np.full(len(nodes), -1, dtype=np.int64)
+        for k, p in enumerate(parts):
+            self.self_label[index[p]] = k
+        children: list[list[int]] = [[] for _ in nodes]
+        self.roots = np.array([index[n] for n in nodes if len(n) == 1], dtype=np.int64)
+        for n in nodes:
+            if len(n) > 1:
+                children[index[n[:-1]]].append(index[n])
+        self.children = [np.array(c, dtype=np.int64) for c in children]
+        # For each depth d, the node each label has at depth d (its ancestor or itself),
+        # or a spare column for labels shallower than d: one bincount per depth sums
+        # the labels into every node.
+        spare = len(nodes)
+        self._ancestor_at = [
+            np.array([index[p[:d]] if len(p) >= d else spare for p in parts], dtype=np.int64)
+            for d in range(1, self.depth + 1)
+        ]
+
+    def node_probs(self, probs: np.ndarray) -> np.ndarray:
+        """(n, len(nodes)): each node's probability, summed over its labels at or below it."""
+        n, width = len(probs), len(self.nodes) + 1
+        out = np.zeros(n * width, dtype=np.float64)
+        offsets = (np.arange(n) * width)[:, None]
+        for ancestor in self._ancestor_at:
+            out += np.bincount(
+                (offsets + ancestor[None, :]).ravel(),
+                weights=np.asarray(probs, dtype=np.float64).ravel(),
+                minlength=n * width,
+            )
+        return out.reshape(n, width)[:, :-1]
+
+    @property
+    def root_names(self) -> list[str]:
+        return [self.nodes[i] for i in self.roots]
+
+    def root_probs(self, probs: np.ndarray) -> np.ndarray:
+        """(n, len(roots)): the top-level distribution, columns in ``root_names`` order."""
+        return self.node_probs(probs)[:, self.roots]
+
+    def candidate_path(self, node_probs: np.ndarray) -> list[int]:
+        """Node ids from the most probable root down to the leaf candidate."""
+        path = [int(self.roots[np.argmax(node_probs[self.roots])])]
+        while len(self.children[path[-1]]):
+            kids = self.children[path[-1]]
+            best = int(kids[np.argmax(node_probs[kids])])
+            here = self.self_label[path[-1]]
+            own = node_probs[path[-1]] - node_probs[kids].sum() if here >= 0 else 0.0
+            # Stop where the product is more likely this node itself than any one child.
+            if own >= node_probs[best]:
+                break
+            path.append(best)
+        return path
+
+    def decide(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> Decision:
+        """The leaf candidate and the deepest node of its path that meets its level's
+        threshold, accepting from the root down (a level past ``thresholds`` is never
+        accepted: nothing was measured there)."""
+        path = self.candidate_path(node_probs)
+        probs = tuple(float(node_probs[i]) for i in path)
+        accepted = None
+        for level, (node, p) in enumerate(zip(path, probs, strict=True)):
+            if level >= len(thresholds) or p < thresholds[level]:
+                break
+            accepted = self.nodes[node]
+        return Decision(self.nodes[path[-1]], accepted, probs)
