@@ -196,3 +196,34 @@ def test_migration_makes_flat_categories_roots_keeping_labels_and_predictions(
             assert ensure_categories(conn, ["Audio > Headphones", "Toys > Drones > Parts"]) == 1
     finally:
         engine.dispose()
+
+
+def test_backfill_by_category_takes_its_whole_subtree(engine: Engine) -> None:
+    from shelver.worker.backfill import BackfillError, Selector
+
+    with engine.begin() as conn:
+        ensure_categories(conn, ["Cell Phones > Cases", "Audio > Cases", "Cell Phonesque"])
+        ids = category_ids(conn, ["Cell Phones > Cases", "Audio > Cases", "Cell Phonesque"])
+        conn.execute(
+            text("INSERT INTO products (sku, name, label_id) VALUES (:sku, :sku, :label)"),
+            [
+                {"sku": "case", "label": ids["Cell Phones > Cases"]},
+                {"sku": "audio-case", "label": ids["Audio > Cases"]},
+                {"sku": "lookalike", "label": ids["Cell Phonesque"]},
+            ],
+        )
+
+    def selected(category: str) -> set[str]:
+        selector = Selector(category=category)
+        selector.validate(engine)
+        where, params = selector.where()
+        with engine.connect() as conn:
+            return set(
+                conn.execute(text(f"SELECT sku FROM products p WHERE {where}"), params).scalars()
+            )
+
+    assert selected("Cell Phones") == {"case"}
+    assert selected("Audio >Cases") == {"audio-case"}
+    for unknown in ("Cases", "Nope", "Audio >  > Cases"):
+        with pytest.raises(BackfillError, match="no category at"):
+            selected(unknown)

@@ -20,6 +20,7 @@ from datetime import date
 from sqlalchemy import Engine, text
 
 from shelver.catalog import queue
+from shelver.catalog.categories import category_ids, normalize_path
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Selector:
 
     unclassified: bool = False
     stale: bool = False
+    # A category path: products labeled or predicted at it or anywhere below it.
     category: str | None = None
     since: str | None = None  # ISO date; products created on or after it
 
@@ -53,9 +55,10 @@ class Selector:
             )
         if self.category is not None:
             clauses.append(
-                "(SELECT id FROM categories WHERE name = :category) IN (p.predicted_id, p.label_id)"
+                "EXISTS (SELECT 1 FROM categories c WHERE c.id IN (p.predicted_id, p.label_id) "
+                "AND (c.path = :category OR starts_with(c.path, :category || ' > ')))"
             )
-            params["category"] = self.category
+            params["category"] = normalize_path(self.category)
         if self.since is not None:
             clauses.append("p.created_at >= CAST(:since AS date)")
             params["since"] = self.since
@@ -71,11 +74,12 @@ class Selector:
                 ) from exc
         if self.category is not None:
             with engine.connect() as conn:
-                found = conn.execute(
-                    text("SELECT 1 FROM categories WHERE name = :n"), {"n": self.category}
-                ).first()
-            if found is None:
-                raise BackfillError(f"no category named {self.category!r}")
+                found = category_ids(conn, [self.category])
+            if not found:
+                raise BackfillError(
+                    f"no category at {self.category!r}; give a path such as 'Cell Phones' or "
+                    "'Cell Phones > Cell Phone Accessories'"
+                )
 
 
 @dataclass
