@@ -114,7 +114,10 @@ def main() -> None:
     build(args.database_url, args.n, args.accepted)
     engine = create_engine(sqlalchemy_url(args.database_url), pool_size=5)
     add_user(engine, "bench", "reviewer", PASSWORD)
-    client = TestClient(create_app(engine, Settings(audit_rate=0.05)), follow_redirects=False)
+    client = TestClient(
+        create_app(engine, Settings(audit_rate=0.05, audit_rate_new_model=0.05)),
+        follow_redirects=False,
+    )
     assert sign_in(client, "bench").status_code == 303
     print(f"{'page':<28} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
     worst = 0.0

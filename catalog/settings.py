@@ -60,11 +60,21 @@ class Settings(BaseSettings):
         0.97, description="Precision the auto-accept threshold is chosen for."
     )
     audit_rate: float = Field(
-        0.05,
+        0.02,
         ge=0.0,
         le=1.0,
         description="Share of auto-accepted products set aside for a person to audit "
-        "(0 to 1; e.g. 0.1 for a new model, 0.01 for a proven one).",
+        "(0 to 1) once the champion is proven (see SHELVER_AUDIT_NEW_MODEL_DAYS).",
+    )
+    audit_rate_new_model: float = Field(
+        0.10,
+        ge=0.0,
+        le=1.0,
+        description="Share audited while the champion is new: its live precision is "
+        "not known yet.",
+    )
+    audit_new_model_days: float = Field(
+        7.0, ge=0.0, description="How long after its promotion a champion counts as new."
     )
     session_minutes: int = Field(
         480, gt=0, description="A web sign-in lasts this long; then the user signs in again."

@@ -19,7 +19,9 @@ from shelver.web.audit import wilson_interval
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(audit_rate=1.0, session_minutes=30, target_precision=0.9)
+    return Settings(
+        audit_rate=1.0, audit_rate_new_model=1.0, session_minutes=30, target_precision=0.9
+    )
 
 
 @pytest.fixture
@@ -342,11 +344,18 @@ def test_audit_rate_decides_which_auto_accepted_products_are_audited(
         [Judged(f"a{i}", f"Auto {i}", "Appliances", 0.95, status="classified") for i in range(200)],
     )
 
-    def pending(rate: float) -> int:
-        client = TestClient(create_app(engine, settings.model_copy(update={"audit_rate": rate})))
+    def pending(rate: float, new_model_rate: float = 0.5) -> int:
+        rates = {"audit_rate": rate, "audit_rate_new_model": new_model_rate}
+        client = TestClient(create_app(engine, settings.model_copy(update=rates)))
         sign_in(client, "rita")
         return int(client.get("/audit").text.split('id="pending">')[1].split("<")[0])
 
+    # A champion promoted today is new: SHELVER_AUDIT_RATE_NEW_MODEL applies.
+    assert pending(0.0, new_model_rate=1.0) == 200
+    assert pending(1.0, new_model_rate=0.0) == 0
+    # Once it has served SHELVER_AUDIT_NEW_MODEL_DAYS, SHELVER_AUDIT_RATE does.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE model_versions SET promoted_at = now() - interval '8 days'"))
     assert pending(0.0) == 0
     assert 5 <= pending(0.1) <= 40
     assert pending(1.0) == 200

@@ -77,6 +77,7 @@ def server(engine: Engine, database_url: str, images: Path) -> Iterator[str]:
         **os.environ,
         "SHELVER_DATABASE_URL": database_url,
         "SHELVER_AUDIT_RATE": "1.0",
+        "SHELVER_AUDIT_RATE_NEW_MODEL": "1.0",
         "SHELVER_TARGET_PRECISION": "0.9",
         "SHELVER_IMAGE_ROOTS": f'["{images}"]',
     }

@@ -290,9 +290,8 @@ class WebApp:
     # -- audit ----------------------------------------------------------------------------
 
     async def audit_page(self, request: Request) -> Response:
-        items, pending = await run_in_threadpool(
-            audit.audit_sample, self.engine, self.settings.audit_rate
-        )
+        rate = await run_in_threadpool(audit.audit_rate, self.engine, self.settings)
+        items, pending = await run_in_threadpool(audit.audit_sample, self.engine, rate)
         precision = await run_in_threadpool(
             audit.live_precision, self.engine, self.settings.target_precision
         )
@@ -302,7 +301,7 @@ class WebApp:
             items=items,
             pending=pending,
             precision=precision,
-            rate=self.settings.audit_rate,
+            rate=rate,
         )
 
     async def audit_verdict(self, request: Request) -> Response:

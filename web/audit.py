@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import Engine, text
 
@@ -23,6 +24,14 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 10
 # Two-sided 95% interval.
 Z = 1.959964
+
+
+class AuditSettings(Protocol):
+    """The part of catalog.settings.Settings the audit reads."""
+
+    audit_rate: float
+    audit_rate_new_model: float
+    audit_new_model_days: float
 
 
 class AuditError(RuntimeError):
@@ -67,6 +76,22 @@ SAMPLE_SQL = text(
 read in draw order from the products_audit_draw index."""
 
 PENDING_SQL = text(f"SELECT count(*) FROM products p WHERE {_IN_SAMPLE}")
+
+
+def audit_rate(engine: Engine, settings: AuditSettings) -> float:
+    """The share to audit now: higher while the champion is new, as its live precision is
+    still unknown; SHELVER_AUDIT_RATE once it has served SHELVER_AUDIT_NEW_MODEL_DAYS."""
+    with engine.connect() as conn:
+        new = conn.execute(
+            text(
+                """
+                SELECT promoted_at > now() - make_interval(secs => :days * 86400)
+                FROM model_versions WHERE status = 'champion'
+                """
+            ),
+            {"days": settings.audit_new_model_days},
+        ).scalar_one_or_none()
+    return settings.audit_rate_new_model if new else settings.audit_rate
 
 
 def audit_sample(
