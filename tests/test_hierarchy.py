@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -69,3 +72,44 @@ def test_a_flat_data_set_scores_as_the_flat_metrics() -> None:
 def test_true_and_predicted_must_pair_up() -> None:
     with pytest.raises(ValueError, match="2 true paths but 1 predicted"):
         hierarchical_metrics(["A", "B"], ["A"])
+
+
+def test_evaluate_file_scores_whole_paths_against_a_flat_champion(
+    encoder_dir: Path, fixture_data: Path, tmp_path: Path
+) -> None:
+    from support import CATEGORIES, centroid_artifact, training_titles
+
+    from shelver.catalog.settings import Settings
+    from shelver.training.holdout import evaluate_file
+    from shelver.worker.encoders import load_encoders
+    from shelver.worker.fusion import FusionModel, sha256_hex
+
+    artifact = centroid_artifact(*load_encoders(encoder_dir), training_titles(fixture_data))
+    model = FusionModel.from_artifact(artifact, sha256_hex(artifact))
+    with (fixture_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["category"] in CATEGORIES][:60]
+    held = tmp_path / "held.csv"
+    with held.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "image": ""} for r in rows)
+    depths = [len(r["category_path"].split(" > ")) for r in rows]
+    assert max(depths) >= 3 and min(depths) == 1  # the fixture mixes coarse and deep labels
+
+    metrics = evaluate_file(model, held, Settings(model_dir=encoder_dir)).metrics
+
+    # The flat keys keep their top-level meaning; level 1 is the same figures.
+    assert metrics["n"] == len(rows)
+    assert 0.5 < metrics["accuracy"] < 1.0
+    assert metrics["levels"]["1"]["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert metrics["levels"]["1"]["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    # The flat model names top levels only: deeper levels are counted, never covered.
+    assert set(metrics["levels"]) == {str(level) for level in range(1, max(depths) + 1)}
+    assert metrics["levels"]["2"]["n"] == sum(d >= 2 for d in depths)
+    assert all(
+        metrics["levels"][str(level)]["coverage"] == 0.0 for level in range(2, max(depths) + 1)
+    )
+    tree = metrics["hierarchical"]
+    assert tree["precision"] == pytest.approx(metrics["accuracy"])
+    assert tree["recall"] == pytest.approx(metrics["accuracy"] * len(rows) / sum(depths))
+    assert tree["path_accuracy"] <= sum(d == 1 for d in depths) / len(rows)
