@@ -546,3 +546,36 @@ def test_suggestions_and_verdicts_name_categories_by_their_path(
         "Audio > Accessories",
         "Cell Phones > Accessories",
     ]
+
+
+def test_dashboard_counts_failures_by_reason_and_shows_the_champions_report(
+    rita: TestClient, engine: Engine, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    ids = queue(engine)
+    Image.new("RGB", (40, 30), (10, 120, 200)).save(tmp_path / "confusion_matrix.png")
+    (tmp_path / "secret.txt").write_text("not for the browser")
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE products SET status = 'failed', error = :e WHERE id = ANY(:ids)"),
+            {"e": "no usable text or image: empty name", "ids": [ids["s1"], ids["s2"]]},
+        )
+        conn.execute(
+            text("UPDATE products SET error = :e WHERE id = :id"),
+            {"e": "image not used: outside_root: /etc/passwd is outside", "id": ids["s4"]},
+        )
+        run = conn.execute(
+            text("INSERT INTO training_runs (report_dir) VALUES (:d) RETURNING id"),
+            {"d": str(tmp_path)},
+        ).scalar_one()
+        conn.execute(text("UPDATE model_versions SET training_run_id = :r"), {"r": run})
+    page = rita.get("/dashboard").text
+    assert "<td>failed</td><td>no usable text or image</td><td>2</td>" in page
+    assert "<td>classified</td><td>image not used: outside_root</td><td>1</td>" in page
+    assert 'src="/dashboard/report/confusion.png"' in page
+    assert "reliability.png" not in page  # not written by this run: not offered
+    image = rita.get("/dashboard/report/confusion.png")
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    assert rita.get("/dashboard/report/secret.png").status_code == 404
+    assert rita.get("/dashboard/report/reliability.png").status_code == 404
