@@ -11,8 +11,9 @@ from __future__ import annotations
 import io
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader
@@ -403,7 +404,7 @@ def _int(value: object) -> int | None:
         return None
 
 
-def _review_filters(params, prefix: str = "") -> dict[str, int | None]:  # noqa: ANN001
+def _review_filters(params: Mapping[str, Any], prefix: str = "") -> dict[str, int | None]:
     """The review page's filters, from its query string or (prefixed) from a verdict form."""
     return {
         "category_id": _int(params.get(prefix + "category") or ""),

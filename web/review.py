@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, Row, text
 
 from shelver.worker.labels import apply_review
 
@@ -110,7 +110,7 @@ def review_page(
     )
 
 
-def _item(row) -> QueueItem:  # noqa: ANN001 - a result row of PAGE_SQL
+def _item(row: Row) -> QueueItem:
     suggestions = [Suggestion(s["category"], float(s["p"])) for s in row.top_k]
     return QueueItem(
         id=row.id,
