@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from alembic import command
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import IntegrityError, InternalError
 
@@ -16,7 +17,7 @@ from shelver.catalog.categories import (
     with_ancestors,
 )
 from shelver.catalog.embedded import create_database
-from shelver.catalog.migrate import upgrade
+from shelver.catalog.migrate import alembic_config, upgrade
 from shelver.catalog.settings import sqlalchemy_url
 
 
@@ -194,6 +195,19 @@ def test_migration_makes_flat_categories_roots_keeping_labels_and_predictions(
         }
         with engine.begin() as conn:
             assert ensure_categories(conn, ["Audio > Headphones", "Toys > Drones > Parts"]) == 1
+
+        # Down again: flat categories named by their whole path, labels where they were.
+        command.downgrade(alembic_config(fresh_database), "0003")
+        with engine.connect() as conn:
+            flat = conn.execute(
+                text(
+                    "SELECT p.sku, p.label_id, p.predicted_id, r.predicted_id, c.name "
+                    "FROM products p JOIN predictions r ON r.product_id = p.id "
+                    "JOIN categories c ON c.id = p.label_id ORDER BY p.sku"
+                )
+            ).all()
+            parents = conn.execute(text("SELECT count(parent_id) FROM categories")).scalar_one()
+        assert (flat, parents) == (before, 0)
     finally:
         engine.dispose()
 
@@ -227,3 +241,25 @@ def test_backfill_by_category_takes_its_whole_subtree(engine: Engine) -> None:
     for unknown in ("Cases", "Nope", "Audio >  > Cases"):
         with pytest.raises(BackfillError, match="no category at"):
             selected(unknown)
+
+
+def test_the_review_listing_names_a_deep_prediction_by_its_path(engine: Engine) -> None:
+    from shelver.worker.labels import needs_review
+
+    with engine.begin() as conn:
+        ensure_categories(conn, ["Cell Phones > Cases", "Audio > Cases"])
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (version, status, artifact, sha256, labels, encoders, "
+                "threshold) VALUES ('v1', 'champion', '', '', '[]', '{}', 0.9)"
+            )
+        )
+        conn.execute(text("INSERT INTO products (sku, name) VALUES ('case', 'Leather case')"))
+        conn.execute(
+            text(
+                "UPDATE products SET status = 'needs_review', confidence = 0.4, "
+                "model_version_id = (SELECT id FROM model_versions), predicted_id = "
+                "(SELECT id FROM categories WHERE path = 'Audio > Cases')"
+            )
+        )
+    assert [item.predicted for item in needs_review(engine)] == ["Audio > Cases"]

@@ -330,7 +330,7 @@ def snapshot(database_url: str, skus: list[str]) -> list[ProductView]:
         with conn.cursor() as cur:
             cur.execute(
                 """
-                SELECT p.sku, p.name, p.status, c.name, p.confidence, p.error
+                SELECT p.sku, p.name, p.status, c.path, p.confidence, p.error
                 FROM products p LEFT JOIN categories c ON c.id = p.predicted_id
                 WHERE p.sku = ANY(%s) ORDER BY p.sku
                 """,

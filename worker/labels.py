@@ -145,7 +145,7 @@ def needs_review(engine: Engine, limit: int = 20) -> list[ReviewItem]:
         rows = conn.execute(
             text(
                 """
-                SELECT p.sku, p.name, c.name, p.confidence, coalesce(h.top_k, '[]')
+                SELECT p.sku, p.name, c.path, p.confidence, coalesce(h.top_k, '[]')
                 FROM products p
                 LEFT JOIN categories c ON c.id = p.predicted_id
                 LEFT JOIN predictions h
