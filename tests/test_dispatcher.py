@@ -217,8 +217,18 @@ def test_the_dispatch_command_stops_cleanly_on_a_signal(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(2)
+    # Signal once it is dispatching, not after a fixed sleep: on a loaded machine
+    # the interpreter may still be importing, before any handler is installed.
+    watchdog = threading.Timer(60, proc.kill)  # a dispatcher that never starts fails, not hangs
+    watchdog.start()
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "dispatching (batch" in line:
+            break
+    watchdog.cancel()
     proc.send_signal(signum)
-    out, _ = proc.communicate(timeout=10)
+    out, _ = proc.communicate(timeout=30)
+    out = "".join(seen) + out
     assert proc.returncode == 0, out
     assert "dispatcher stopped" in out
