@@ -28,9 +28,10 @@ def test_compose_has_every_service_with_health_checks_and_order() -> None:
     services = compose["services"]
     assert set(services) == {
         "postgres", "redis", "migrate", "encoders", "dispatcher", "worker", "trainer", "beat",
+        "web",
     }  # fmt: skip
     assert "healthcheck" in services["postgres"] and "healthcheck" in services["redis"]
-    for name in ("dispatcher", "worker", "trainer", "beat"):
+    for name in ("dispatcher", "worker", "trainer", "beat", "web"):
         needs = services[name]["depends_on"]
         assert needs["migrate"]["condition"] == "service_completed_successfully", name
         assert needs["postgres"]["condition"] == "service_healthy", name
