@@ -579,3 +579,12 @@ def test_dashboard_counts_failures_by_reason_and_shows_the_champions_report(
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
     assert rita.get("/dashboard/report/secret.png").status_code == 404
     assert rita.get("/dashboard/report/reliability.png").status_code == 404
+
+
+def test_only_the_champions_decisions_are_audited(rita: TestClient, engine: Engine) -> None:
+    old = champion(engine, "v-old")
+    judged(engine, old, [Judged("o1", "Old decision", "Appliances", 0.99, status="classified")])
+    new = champion(engine, "v-new")
+    judged(engine, new, [Judged("n1", "New decision", "Appliances", 0.99, status="classified")])
+    page = rita.get("/audit").text
+    assert "New decision" in page and "Old decision" not in page

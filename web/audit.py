@@ -52,9 +52,12 @@ class AuditItem:
     suggestions: list[Suggestion]
 
 
+# Only the champion's decisions: live precision is the champion's, and an audit of a
+# retired model's decision would not move it (a backfill re-scores those products).
 _IN_SAMPLE = """
     p.status = 'classified' AND p.label_id IS NULL AND p.model_version_id IS NOT NULL
     AND shelver_audit_draw(p.id, p.model_version_id) < :rate
+    AND p.model_version_id = (SELECT id FROM model_versions WHERE status = 'champion')
 """
 
 SAMPLE_SQL = text(
@@ -72,8 +75,8 @@ SAMPLE_SQL = text(
     LIMIT :limit
     """
 )
-"""Auto-accepted products (classified, no label) whose draw puts them in the sample,
-read in draw order from the products_audit_draw index."""
+"""The champion's auto-accepted products (classified, no label) whose draw puts them in
+the sample, read in draw order from the products_audit_draw index."""
 
 PENDING_SQL = text(f"SELECT count(*) FROM products p WHERE {_IN_SAMPLE}")
 
