@@ -16,9 +16,11 @@ backfill that has no row left (``finish_backfills``). The trigger of an
 ``UPDATE products`` holds the product and then upserts its queue row; a
 backfill chunk inserts queue rows and then moves its run's bookmark; the sweep
 (``fail_exhausted``) locks products before their queue rows. Statements that
-lock only one table (``claim_batch``, ``retry_later``, ``release``) cannot
-close a cycle. With one order a transaction may wait for another, but never
-for one that is waiting for it, so none of these paths deadlocks another.
+lock only one table (``claim_batch``, ``retry_later``, ``release``,
+``mark_working``) cannot close a cycle. ``workers`` rows come after queue rows
+(``release_dead_workers``); a worker's heartbeat locks only its own row. With
+one order a transaction may wait for another, but never for one that is waiting
+for it, so none of these paths deadlocks another.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ class Claim:
     product_id: int
     attempts: int
     backfill_id: int | None
+    # The row was claimed before and its lease ran out (task lost, worker hung).
+    lease_expired: bool = False
 
 
 CLAIM_SQL = text(
     """
     WITH ready AS (
-        SELECT id
+        SELECT id, claimed_at IS NOT NULL AS lease_expired
         FROM classification_queue
         WHERE not_before <= now()
           AND (claimed_at IS NULL OR claimed_at < now() - make_interval(secs => :lease))
@@ -56,10 +60,10 @@ CLAIM_SQL = text(
         FOR UPDATE SKIP LOCKED
     )
     UPDATE classification_queue q
-    SET claimed_at = now(), attempts = q.attempts + 1
+    SET claimed_at = now(), attempts = q.attempts + 1, worker_id = NULL
     FROM ready
     WHERE q.id = ready.id
-    RETURNING q.id, q.product_id, q.attempts, q.backfill_id
+    RETURNING q.id, q.product_id, q.attempts, q.backfill_id, ready.lease_expired
     """
 )
 
@@ -76,6 +80,11 @@ def claim_batch(
     expires, which is how work lost with a crashed worker or a flushed broker
     comes back. Counting the attempt here, not in the worker, means a row that
     kills every worker that touches it still runs out of attempts.
+
+    A new claim belongs to no worker yet (``worker_id`` cleared): the worker
+    that starts the batch marks it (``mark_working``), and from then on the
+    row comes back as soon as that worker stops heartbeating
+    (``release_dead_workers``), not only when the lease runs out.
 
     ``bulk`` picks backfill rows instead of fresh inserts and updates, so bulk
     work never sits in front of a new product.
@@ -441,3 +450,121 @@ def stats(db: Executor) -> QueueStats:
         retrying=row[3],
         oldest_age_s=float(row[4]) if row[4] is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class LaneStatus:
+    lane: str  # "classify" (fresh inserts and updates) or "backfill"
+    depth: int
+    ready: int
+    claimed: int
+    retrying: int
+    oldest_age_s: float | None
+
+
+def lane_status(db: Executor) -> list[LaneStatus]:
+    """The ``queue_status`` view: one row per lane, zeros when empty. A plain read, no locks."""
+    rows = db.execute(
+        text(
+            "SELECT lane, depth, ready, claimed, retrying, oldest_age_s "
+            "FROM queue_status ORDER BY lane"
+        )
+    )
+    return [LaneStatus(*row) for row in rows]
+
+
+# Workers. Each worker process keeps a row in ``workers`` fresh while it lives and
+# marks the queue rows of the batch it starts with its id, so a dispatcher can give
+# a dead worker's rows back in seconds instead of waiting out their lease.
+
+
+def register_worker(db: Executor, worker_id: str, *, hostname: str, pid: int) -> None:
+    """Record a worker process, alive as of now. Locks: its own ``workers`` row."""
+    db.execute(
+        text(
+            """
+            INSERT INTO workers (id, hostname, pid) VALUES (:id, :hostname, :pid)
+            ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+            """
+        ),
+        {"id": worker_id, "hostname": hostname, "pid": pid},
+    )
+
+
+def heartbeat(db: Executor, worker_id: str, *, hostname: str, pid: int) -> None:
+    """Say the worker is still alive. Its row is put back if a dispatcher had given it up
+    (a worker cut off from PostgreSQL for a while): it may take new batches again.
+    Locks: its own ``workers`` row."""
+    register_worker(db, worker_id, hostname=hostname, pid=pid)
+
+
+def unregister_worker(db: Executor, worker_id: str) -> None:
+    """Forget a worker that stops cleanly (it finished its batch first). Locks: its row."""
+    db.execute(text("DELETE FROM workers WHERE id = :id"), {"id": worker_id})
+
+
+def mark_working(db: Executor, worker_id: str, product_ids: Iterable[int]) -> int:
+    """Tie the claimed rows of a batch to the worker that starts it.
+
+    The dispatcher claims rows before any worker has the task, so the claim
+    itself cannot name the worker; the worker does, in its own short
+    transaction committed before it starts encoding, so a dispatcher sees it.
+    Rows no longer claimed (finished meanwhile by another delivery, or given
+    back) are left alone. Locks: those queue rows, until commit; one table only.
+    Returns how many rows it marked.
+    """
+    return db.execute(
+        text(
+            """
+            UPDATE classification_queue
+            SET worker_id = :worker
+            WHERE product_id = ANY(CAST(:ids AS bigint[])) AND claimed_at IS NOT NULL
+            """
+        ),
+        {"worker": worker_id, "ids": list(product_ids)},
+    ).rowcount
+
+
+RELEASE_DEAD_WORKERS_SQL = text(
+    """
+    WITH orphaned AS (
+        SELECT q.id
+        FROM classification_queue q
+        WHERE q.worker_id IS NOT NULL
+          AND q.claimed_at IS NOT NULL
+          AND NOT EXISTS (
+              SELECT 1 FROM workers w
+              WHERE w.id = q.worker_id
+                AND w.heartbeat_at >= now() - make_interval(secs => :dead_after))
+        FOR UPDATE OF q SKIP LOCKED
+    )
+    UPDATE classification_queue q
+    SET claimed_at = NULL,
+        worker_id = NULL,
+        last_error = 'worker ' || q.worker_id || ' stopped while classifying (no heartbeat)'
+    FROM orphaned
+    WHERE q.id = orphaned.id
+    RETURNING q.product_id
+    """
+)
+"""A worker that has not beaten for ``dead_after`` seconds, or whose row is gone, is
+dead: its rows become ready again. The attempt it spent stays spent, as with an
+expired lease, so a product that kills every worker still runs out of attempts.
+``SKIP LOCKED``: a row being written right now belongs to a live transaction (a
+SIGKILLed worker's connection ends and with it its locks); if that write rolls back,
+the next pass finds the row."""
+
+
+def release_dead_workers(db: Executor, *, dead_after_s: float) -> list[int]:
+    """Give back the rows of workers that stopped heartbeating, then forget those workers.
+
+    Locks: the orphaned queue rows (``SKIP LOCKED``), then the stale ``workers``
+    rows; nothing else, so it cannot close a cycle with the worker's write path.
+    Returns the product ids given back.
+    """
+    released = list(db.execute(RELEASE_DEAD_WORKERS_SQL, {"dead_after": dead_after_s}).scalars())
+    db.execute(
+        text("DELETE FROM workers WHERE heartbeat_at < now() - make_interval(secs => :dead_after)"),
+        {"dead_after": dead_after_s},
+    )
+    return released

@@ -99,9 +99,17 @@ class ShelverTask(celery.Task):
     max_retries = 3
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from shelver.worker import metrics
+
         started = time.perf_counter()
         outcome = "ok"
         try:
+            if kwargs.get("product_ids"):
+                # Tie the rows to this process before working on them, so a
+                # dispatcher gives them back within seconds if it dies.
+                from shelver.worker.heartbeat import this_worker
+
+                this_worker().mark_working(kwargs["product_ids"])
             if not self.transactional:
                 return self.run(*args, **kwargs)
             with session_scope() as session:
@@ -113,13 +121,10 @@ class ShelverTask(celery.Task):
             outcome = "transient error" if is_transient(exc) else "error"
             return self._handle_failure(exc, kwargs)
         finally:
-            log.info(
-                "task %s[%s] %s in %.3f s",
-                self.name,
-                self.request.id,
-                outcome,
-                time.perf_counter() - started,
-            )
+            elapsed = time.perf_counter() - started
+            lane = (self.request.delivery_info or {}).get("routing_key") or "direct"
+            metrics.BATCH_SECONDS.labels(lane, outcome.replace(" ", "_")).observe(elapsed)
+            log.info("task %s[%s] %s in %.3f s", self.name, self.request.id, outcome, elapsed)
 
     def _handle_failure(self, exc: Exception, kwargs: dict[str, Any]) -> None:
         product_ids = kwargs.get("product_ids")
@@ -132,11 +137,14 @@ class ShelverTask(celery.Task):
             log.warning("%s: transient error on %d rows: %s", self.name, len(product_ids), exc)
         else:
             log.exception("%s failed on %d rows", self.name, len(product_ids))
-        self._give_back(product_ids, f"{type(exc).__name__}: {exc}")
+        self._give_back(product_ids, exc)
         return None
 
-    def _give_back(self, product_ids: list[int], error: str) -> None:
+    def _give_back(self, product_ids: list[int], exc: Exception) -> None:
         from shelver.catalog.queue import retry_later
+        from shelver.worker.metrics import RETRIES
+
+        error = f"{type(exc).__name__}: {exc}"
 
         try:
             with session_scope() as session:
@@ -146,12 +154,17 @@ class ShelverTask(celery.Task):
                     error=error,
                     backoff_seconds=get_settings().retry_backoff_s,
                 )
-        except Exception as exc:
+        except Exception as unreachable:
             # PostgreSQL is unreachable: nothing to write to. The claims' lease
-            # runs out and a dispatcher hands the rows out again.
+            # runs out (or this worker's heartbeat with it) and a dispatcher
+            # hands the rows out again.
             log.error(
-                "could not schedule a retry for %d rows (%s); the lease will", len(product_ids), exc
+                "could not schedule a retry for %d rows (%s); the lease will",
+                len(product_ids),
+                unreachable,
             )
+            return
+        RETRIES.labels(type(exc).__name__).inc(len(product_ids))
 
 
 def create_app() -> celery.Celery:

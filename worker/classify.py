@@ -23,6 +23,7 @@ from shelver.catalog import embeddings as cache
 from shelver.catalog import queue
 from shelver.catalog.categories import category_ids, ensure_categories
 from shelver.catalog.images import image_not_used
+from shelver.worker import metrics
 from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.featurize import embed_products
 from shelver.worker.images import ImageSettings, ImageUsage
@@ -82,6 +83,8 @@ class BatchSummary:
     released: int = 0
     # Rows classified without their image (or failed), by refusal reason.
     images_refused: dict[str, int] = field(default_factory=dict)
+    # Rows that ended failed, by reason (``metrics.failure_reason``).
+    failed_reasons: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int | dict[str, int]]:
         return dict(self.__dict__)
@@ -162,7 +165,8 @@ class FusionClassifier:
                 usable.append(i)
                 outcomes.append(Outcome(row.product_id, row.content_hash, note=note))
         if usable:
-            probs = model.predict(features.inputs.subset(usable))
+            with metrics.stage("model"):
+                probs = model.predict(features.inputs.subset(usable))
             nodes = model.tree.node_probs(probs)
             for i, p, n in zip(usable, probs, nodes, strict=True):
                 decision = model.tree.decide(n, self.thresholds)
@@ -282,6 +286,9 @@ def write_results(
         summary.needs_review = statuses.count("needs_review")
     queue.fail(db, failures)
     summary.failed = len(failures)
+    for reason in failures.values():
+        key = metrics.failure_reason(reason)
+        summary.failed_reasons[key] = summary.failed_reasons.get(key, 0) + 1
     queue.complete(db, {o.product_id: o.content_hash for o in done})
     return summary
 
@@ -301,11 +308,13 @@ def classify_products(
             db, product_ids, delay_seconds=no_model_delay_s, note="no champion model in service"
         )
         return BatchSummary(released=len(product_ids))
-    rows = load_rows(db, product_ids)
+    with metrics.stage("load"):
+        rows = load_rows(db, product_ids)
     if not rows:
         return BatchSummary()
     scored = classifier.score(db, rows)
-    summary = write_results(db, rows, scored, classifier)
+    with metrics.stage("write"):
+        summary = write_results(db, rows, scored, classifier)
     summary.images_refused = dict(scored.images.refused.most_common())
     log.info("batch of %d: %s", len(product_ids), summary.as_dict())
     if scored.images.refused:

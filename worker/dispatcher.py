@@ -24,7 +24,9 @@ from sqlalchemy import Engine
 
 from shelver.catalog import queue
 from shelver.catalog.settings import Settings, libpq_url
+from shelver.worker import metrics
 from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_QUEUE
+from shelver.worker.heartbeat import DEAD_AFTER_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ class DispatchConfig:
     # would be handed out twice and spend attempts they never used.
     max_inflight_batches: int = 8
     sweep_seconds: float = 30.0
+    # A worker whose heartbeat is older than this is dead: its rows are given back
+    # at the next check instead of at lease expiry.
+    dead_worker_seconds: float = DEAD_AFTER_SECONDS
+    dead_worker_check_seconds: float = 2.0
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: object) -> DispatchConfig:
@@ -66,6 +72,8 @@ class Lane:
 
     bulk: bool
     celery_queue: str
+    # The lane's name in metrics and the queue_status view.
+    name: str
     batch_size: int
     # Only fresh rows wait to fill a batch; a backfill has plenty ready.
     wait_s: float
@@ -144,6 +152,8 @@ class DispatchStats:
     rows: int = 0
     send_failures: int = 0
     swept: int = 0
+    # Rows given back because the worker holding them stopped heartbeating.
+    recovered: int = 0
 
 
 class Dispatcher:
@@ -161,11 +171,12 @@ class Dispatcher:
         self.stop = stop
         self.listener = listener or NotifyListener(engine.url.render_as_string(hide_password=False))
         self.lanes = (
-            Lane(False, CLASSIFY_QUEUE, config.batch_size, config.batch_wait_s),
-            Lane(True, BACKFILL_QUEUE, config.backfill_batch_size, 0.0),
+            Lane(False, CLASSIFY_QUEUE, "classify", config.batch_size, config.batch_wait_s),
+            Lane(True, BACKFILL_QUEUE, "backfill", config.backfill_batch_size, 0.0),
         )
         self.stats = DispatchStats()
         self._swept_at = float("-inf")
+        self._dead_checked_at = float("-inf")
         self._broker_down_until = 0.0
         # Set when a lane hit its in-flight cap during the last step.
         self._capped = False
@@ -202,6 +213,8 @@ class Dispatcher:
         """Sweep if due, then send at most one batch per lane; True if anything was sent."""
         if time.monotonic() - self._swept_at >= self.config.sweep_seconds:
             self.sweep()
+        if time.monotonic() - self._dead_checked_at >= self.config.dead_worker_check_seconds:
+            self.recover_from_dead_workers()
         if time.monotonic() < self._broker_down_until:
             return False
         self._capped = False
@@ -219,6 +232,7 @@ class Dispatcher:
             )
         if failed:
             log.warning("%d products failed after %d attempts", failed, self.config.max_attempts)
+            metrics.PRODUCTS_FAILED.labels("attempts_exhausted").inc(failed)
         self.stats.swept += failed
         # Its own transaction: the run locks are not held while failing rows. This
         # catches runs whose last rows left the queue without a worker finishing
@@ -227,6 +241,24 @@ class Dispatcher:
             for run_id in queue.finish_backfills(conn):
                 log.info("backfill %d done", run_id)
         return failed
+
+    def recover_from_dead_workers(self) -> int:
+        """Give back the rows of workers that stopped heartbeating; the next claim takes them."""
+        self._dead_checked_at = time.monotonic()
+        with self.engine.begin() as conn:
+            released = queue.release_dead_workers(
+                conn, dead_after_s=self.config.dead_worker_seconds
+            )
+        if released:
+            log.warning(
+                "%d products were held by a worker that stopped heartbeating for %.0f s; "
+                "claiming them again",
+                len(released),
+                self.config.dead_worker_seconds,
+            )
+            metrics.CLAIMS_RELEASED.labels("worker_lost").inc(len(released))
+        self.stats.recovered += len(released)
+        return len(released)
 
     def _room(self, lane: Lane) -> int:
         cap = self.config.max_inflight_batches * lane.batch_size
@@ -241,13 +273,18 @@ class Dispatcher:
         # Its own short transaction: the row locks end at commit and the lease
         # (claimed_at) takes over, so no lock is held while we wait or send.
         with self.engine.begin() as conn:
-            return queue.claim_batch(
+            claims = queue.claim_batch(
                 conn,
                 limit=limit,
                 lease_seconds=self.config.lease_seconds,
                 max_attempts=self.config.max_attempts,
                 bulk=lane.bulk,
             )
+        expired = sum(c.lease_expired for c in claims)
+        if expired:
+            log.warning("%d %s rows claimed again after their lease ran out", expired, lane.name)
+            metrics.LEASES_EXPIRED.labels(lane.name).inc(expired)
+        return claims
 
     def dispatch_lane(self, lane: Lane) -> bool:
         room = self._room(lane)
@@ -279,10 +316,13 @@ class Dispatcher:
             # are ready again right away for whichever dispatcher reaches a broker.
             with self.engine.begin() as conn:
                 queue.release(conn, product_ids, delay_seconds=0, note=f"broker unavailable: {exc}")
+            metrics.CLAIMS_RELEASED.labels("broker_unavailable").inc(len(product_ids))
             self._broker_down_until = time.monotonic() + self.config.poll_seconds
             return
         self.stats.batches += 1
         self.stats.rows += len(product_ids)
+        metrics.BATCHES_DISPATCHED.labels(lane.name).inc()
+        metrics.PRODUCTS_DISPATCHED.labels(lane.name).inc(len(product_ids))
         log.debug("sent %d products to %s", len(product_ids), lane.celery_queue)
 
 

@@ -7,6 +7,7 @@ content hash.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shelver.catalog.embeddings import CachedEmbedding, Executor, get_cached
+from shelver.worker import metrics
 from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.images import ImageRejected, ImageSettings, ImageUsage, load_image
 from shelver.worker.inputs import ModelInputs, ProductContent, pack_texts
@@ -61,7 +63,8 @@ def embed_products(
             text_emb[i] = cached[p.product_id]
     new_text: list[CachedEmbedding] = []
     if missing:
-        vectors = text_encoder.encode([texts[i] for i in missing])
+        with metrics.stage("encode_text"):
+            vectors = text_encoder.encode([texts[i] for i in missing])
         text_emb[missing] = vectors
         new_text = [
             CachedEmbedding(products[i].product_id, products[i].content_hash, v)
@@ -83,21 +86,23 @@ def embed_products(
     errors: dict[int, ImageRejected] = {}
     loaded_rows: list[int] = []
     loaded_images = []
-    for i in to_load:
-        try:
-            loaded_images.append(load_image(products[i].image_uri or "", image_settings))
-            loaded_rows.append(i)
-        except ImageRejected as exc:
-            errors[products[i].product_id] = exc
-        except Exception as exc:  # one hostile file must not take the batch with it
-            log.warning("product %s: unexpected error loading its image", products[i].product_id,
-                        exc_info=True)  # fmt: skip
-            errors[products[i].product_id] = ImageRejected(
-                "unexpected_error", f"{type(exc).__name__}: {exc}"
-            )
+    with metrics.stage("decode_image") if to_load else contextlib.nullcontext():
+        for i in to_load:
+            try:
+                loaded_images.append(load_image(products[i].image_uri or "", image_settings))
+                loaded_rows.append(i)
+            except ImageRejected as exc:
+                errors[products[i].product_id] = exc
+            except Exception as exc:  # one hostile file must not take the batch with it
+                log.warning("product %s: unexpected error loading its image",
+                            products[i].product_id, exc_info=True)  # fmt: skip
+                errors[products[i].product_id] = ImageRejected(
+                    "unexpected_error", f"{type(exc).__name__}: {exc}"
+                )
     new_image: list[CachedEmbedding] = []
     if loaded_images:
-        vectors = image_encoder.encode(loaded_images)
+        with metrics.stage("encode_image"):
+            vectors = image_encoder.encode(loaded_images)
         image_emb[loaded_rows] = vectors
         present[loaded_rows] = 1.0
         new_image = [

@@ -10,6 +10,7 @@ import os
 
 from shelver.catalog.settings import Settings, reset_settings
 from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_QUEUE, QUEUES, app
+from shelver.worker.metrics_http import prepare_multiprocess_dir, serve
 from shelver.worker.runtime import check_encoders
 
 # Celery expands %h to this host's name. The pid keeps several workers on one host apart;
@@ -42,8 +43,14 @@ def run_worker(
     threads: int | None = None,
     loglevel: str = "INFO",
     name: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
-    """Run a Celery worker in this process until it is stopped (SIGTERM, as in production)."""
+    """Run a Celery worker in this process until it is stopped (SIGTERM, as in production).
+
+    With ``metrics_port``, the pool's Prometheus metrics are served from this (the
+    main) process, summed over the pool processes' files in a directory of this
+    process tree, prepared before any pool process starts.
+    """
     if not queues or queues - set(QUEUES):
         raise UnknownQueue(f"queues are {', '.join(QUEUES)}; got {', '.join(sorted(queues))}")
     settings.require_broker_url()
@@ -54,6 +61,9 @@ def run_worker(
     os.environ["SHELVER_ORT_THREADS"] = str(ort_threads(settings, concurrency, threads))
     # Pool processes must read the environment just written, not settings cached before it.
     reset_settings()
+    if metrics_port is not None:
+        directory = prepare_multiprocess_dir()
+        serve(metrics_port, multiprocess_dir=str(directory))
     app.worker_main(
         [
             "worker",

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from croniter import croniter
 from sqlalchemy import Engine, text
 
+from shelver.worker import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -67,12 +69,14 @@ def send_retrain() -> None:
 
 
 def tick(engine: Engine, min_new_labels: int, send: Callable[[], None]) -> RetrainDecision:
+    metrics.RETRAIN_LAST_CHECK.set_to_current_time()
     decision = decide(engine, min_new_labels)
     if decision.start:
         send()
         log.info("retraining queued: %s", decision.reason)
     else:
         log.info("no retraining: %s", decision.reason)
+    metrics.RETRAIN_CHECKS.labels("queued" if decision.start else "skipped").inc()
     return decision
 
 
@@ -94,4 +98,5 @@ def run_beat(
             tick(engine, min_new_labels, send)
         except Exception:
             # A database or broker outage costs this tick, not the beat.
+            metrics.RETRAIN_CHECKS.labels("error").inc()
             log.exception("retraining check failed; trying again at the next tick")

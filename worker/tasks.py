@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy.orm import Session
 
 from shelver.catalog.settings import get_settings
+from shelver.worker import metrics
 from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_TASK, RETRAIN_TASK, app
 from shelver.worker.classify import FusionClassifier, classify_products
+from shelver.worker.heartbeat import stop_this_worker, this_worker
+from shelver.worker.metrics_http import mark_this_process_dead
 from shelver.worker.runtime import get_runtime
+from shelver.worker.zero_label import zero_label_classifier
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +28,21 @@ def _warm_up(**_: object) -> None:
     # processes; drop them (without closing the parent's sockets).
     get_engine().dispose(close=False)
     try:
-        get_runtime().champion()
+        this_worker()
+        champion = get_runtime().champion()
+        metrics.observe_champion(champion.version if champion else None)
     except Exception:
-        # PostgreSQL not reachable yet: the first task loads the champion instead.
-        # Missing encoders cannot get here, `shelver worker` checks them first.
+        # PostgreSQL not reachable yet: the first task loads the champion (and
+        # starts the heartbeat) instead. Missing encoders cannot get here,
+        # `shelver worker` checks them first.
         log.exception("could not warm up; the first task will try again")
+
+
+@worker_process_shutdown.connect
+def _stop(**_: object) -> None:
+    """A pool process stopping cleanly: its batch is done, so it leaves the workers table."""
+    stop_this_worker()
+    mark_this_process_dead()
 
 
 @app.task(name=CLASSIFY_TASK, bind=True)
@@ -41,16 +55,24 @@ def classify_batch(self, db: Session, product_ids: list[int]) -> dict[str, int]:
         # replaced and report it done while its rows are still stale.
         runtime.refresh()
     champion = runtime.champion()
+    metrics.observe_champion(champion.version if champion else None)
+    # Without a champion, a loaded taxonomy still gets suggestions, all for review.
     classifier = (
         FusionClassifier(runtime.text_encoder, runtime.image_encoder, champion, runtime.settings)
         if champion is not None
-        else None
+        else zero_label_classifier(runtime)
     )
     summary = classify_products(
         db,
         product_ids,
         classifier,
         no_model_delay_s=max(1.0, get_settings().model_poll_seconds),
+    )
+    metrics.count_batch(
+        classified=summary.classified,
+        needs_review=summary.needs_review,
+        failed_reasons=summary.failed_reasons,
+        images_refused=summary.images_refused,
     )
     return summary.as_dict()
 

@@ -15,12 +15,16 @@ def beat(
     once: Annotated[
         bool, typer.Option("--once", help="Check now, queue retraining if due, and exit.")
     ] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (/metrics).")
+    ] = None,
 ) -> None:
     """At SHELVER_RETRAIN_CRON times, queue retraining when enough new labels arrived."""
     log_progress()
     # croniter and Celery come with the worker extra.
     from croniter import croniter
 
+    from shelver.worker.metrics_http import MetricsPortUnavailable, serve
     from shelver.worker.schedule import run_beat, send_retrain, tick
 
     settings = get_settings()
@@ -34,4 +38,9 @@ def beat(
             ("retraining queued: " if decision.start else "no retraining: ") + decision.reason
         )
         return
+    if metrics_port is not None:
+        try:
+            serve(metrics_port)
+        except MetricsPortUnavailable as exc:
+            raise UserError(str(exc)) from exc
     run_beat(engine, settings.retrain_cron, settings.retrain_min_new_labels, stop_on_signals())

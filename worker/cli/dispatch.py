@@ -8,7 +8,7 @@ import typer
 
 from shelver.catalog.db import check_connection, get_engine
 from shelver.catalog.settings import get_settings
-from shelver.worker.cli.terminal import console, log_progress, stop_on_signals
+from shelver.worker.cli.terminal import UserError, console, log_progress, stop_on_signals
 
 
 def dispatch(
@@ -24,6 +24,10 @@ def dispatch(
     max_inflight_batches: Annotated[
         int, typer.Option(help="Sent-but-unfinished batches allowed per queue, all dispatchers.")
     ] = 8,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics, queue depth per lane included, on this port."),
+    ] = None,
 ) -> None:
     """Send queued products to the workers: LISTEN/NOTIFY plus polling, micro-batched.
 
@@ -32,6 +36,7 @@ def dispatch(
     log_progress()
     # Celery comes with the worker extra; the core install has no dispatcher.
     from shelver.worker.dispatcher import DispatchConfig, Dispatcher, celery_sender
+    from shelver.worker.metrics_http import MetricsPortUnavailable, serve
 
     settings = get_settings()
     settings.require_broker_url()
@@ -44,5 +49,10 @@ def dispatch(
         backfill_batch_size=backfill_batch_size,
         max_inflight_batches=max_inflight_batches,
     )
+    if metrics_port is not None:
+        try:
+            serve(metrics_port, engine=engine)
+        except MetricsPortUnavailable as exc:
+            raise UserError(str(exc)) from exc
     stats = Dispatcher(engine, celery_sender(), config, stop_on_signals()).run()
     console.print(f"dispatcher stopped after {stats.batches} batches, {stats.rows} products")

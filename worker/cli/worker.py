@@ -39,11 +39,16 @@ def run_worker(
         ),
     ] = None,
     loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics of the whole pool on this port (/metrics)."),
+    ] = None,
 ) -> None:
     """Run a Celery worker: encoders and the champion load once per process."""
     # onnxruntime and Celery come with the worker extra.
     from shelver.worker.launch import UnknownQueue
     from shelver.worker.launch import run_worker as launch
+    from shelver.worker.metrics_http import MetricsPortUnavailable
 
     try:
         launch(
@@ -54,6 +59,9 @@ def run_worker(
             threads=threads,
             loglevel=loglevel,
             name=name,
+            metrics_port=metrics_port,
         )
     except UnknownQueue as exc:
         raise UserError(f"-Q: {exc}") from exc
+    except MetricsPortUnavailable as exc:
+        raise UserError(str(exc)) from exc
