@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The install stamp tracks pyproject.toml: edit the pins and the next make reinstalls.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench-import default-model clean
+.PHONY: demo test lint format bench-import default-model screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ format: $(STAMP)
 # Rebuilds worker/default_model/ from the shared Best Buy data (see README, "The bundled model").
 default-model: $(STAMP)
 	$(BIN)/python -m shelver.training.bundle ../shared/data/bestbuy/products.csv
+
+# Refreshes docs/screenshots/ from the browser tests (needs chromium and chromium-driver).
+screenshots: $(STAMP)
+	SHELVER_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(BIN)/pytest tests/test_web_browser.py
 
 bench-import: $(STAMP)
 	$(BIN)/python benchmarks/import_pricerunner.py

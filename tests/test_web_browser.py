@@ -3,7 +3,9 @@
 Needs Debian's ``chromium`` and ``chromium-driver``; without them these tests are skipped
 with that reason (``make test`` lists it), except where SHELVER_REQUIRE_BROWSER=1 (CI's
 .ci/run installs them and sets it), where their absence fails the run. The tests also
-leave screenshots of the review, audit and dashboard pages in docs/screenshots/.
+take screenshots of the review, audit and dashboard pages: into a temporary folder, or
+into $SHELVER_SCREENSHOTS_DIR when set (`make screenshots` refreshes docs/screenshots/),
+so an ordinary test run leaves the work tree clean.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -24,7 +27,9 @@ from sqlalchemy import Engine, text
 from web_seed import PASSWORD, Judged, champion, judged
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+SCREENSHOTS = Path(
+    os.environ.get("SHELVER_SCREENSHOTS_DIR") or Path(tempfile.gettempdir()) / "shelver-screenshots"
+)
 MISSING = (
     "browser tests skipped: Debian's chromium and chromium-driver are not installed "
     "(apt-get install -y chromium chromium-driver)"
@@ -176,7 +181,7 @@ def first_item(browser: webdriver.Chrome) -> str | None:
 
 
 def screenshot(browser: webdriver.Chrome, name: str) -> None:
-    """The whole page, once its images have loaded, as docs/screenshots/NAME.png."""
+    """The whole page, once its images have loaded, as NAME.png in SCREENSHOTS."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     height = browser.execute_script("return document.documentElement.scrollHeight")
     browser.execute_cdp_cmd(
