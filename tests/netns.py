@@ -154,20 +154,21 @@ class Host:
         """Take this host's link down: from now on it reaches nothing and nothing reaches it."""
         _ip("-n", self.namespace, "link", "set", self.link, "down")
 
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM every process started here (as in production), SIGKILL what is left."""
-        for proc in self.processes:
+    def stop(self, only: list[subprocess.Popen] | None = None, timeout: float = 30) -> None:
+        """SIGTERM the processes started here (``only`` these, if given), SIGKILL what is left."""
+        stopping = [p for p in self.processes if only is None or p in only]
+        for proc in stopping:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for proc in self.processes:
+        for proc in stopping:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        self.processes.clear()
+            self.processes.remove(proc)
 
 
 @dataclass
@@ -352,12 +353,15 @@ def worker_env(
 def own_model_dir(encoder_dir: Path, host_dir: Path) -> Path:
     """A private copy of the exported encoders for one host: no file is shared between hosts."""
     target = host_dir / "models"
-    shutil.copytree(encoder_dir, target)
+    shutil.copytree(encoder_dir, target, dirs_exist_ok=True)
     return target
 
 
-def catalog_engine(network: Network, services: Services) -> Engine:
-    """Create and migrate the catalog on the services host; an engine that connects from there."""
+def catalog_engine(network: Network, services: Services, *, recreate: bool = False) -> Engine:
+    """Create (``recreate``: afresh) and migrate the catalog on the services host.
+
+    Returns an engine whose connections are opened from the services host.
+    """
     import psycopg2
     from sqlalchemy import create_engine
 
@@ -366,7 +370,7 @@ def catalog_engine(network: Network, services: Services) -> Engine:
 
     host = network.services
     server = services.database_url.rsplit("/", 1)[0]
-    host.call(create_database, f"{server}/postgres", "shelver")
+    host.call(lambda: create_database(f"{server}/postgres", "shelver", recreate=recreate))
     host.call(upgrade, services.database_url)
     return create_engine(
         "postgresql+psycopg2://", creator=lambda: host.call(psycopg2.connect, services.database_url)
