@@ -1,0 +1,126 @@
+"""The zero-label scorer: a loaded taxonomy and no champion still give every product a
+suggestion, stored once per taxonomy, always for review."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+from support import insert_products, scalar
+
+from shelver.catalog.categories import ensure_categories
+from shelver.catalog.queue import claim_batch
+from shelver.catalog.settings import Settings
+from shelver.catalog.taxonomy import import_taxonomy
+from shelver.worker.classify import classify_products
+from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
+from shelver.worker.runtime import Runtime
+from shelver.worker.zero_label import (
+    ZeroLabelClassifier,
+    ZeroLabelScorer,
+    ensure_zero_label_model,
+    zero_label_classifier,
+)
+
+GOOGLE_HEAD = (
+    Path(__file__).resolve().parent
+    / "fixtures"
+    / "taxonomies"
+    / "google-product-taxonomy-2021-09-21-head40.txt"
+)
+DOG_TOYS = "Animals & Pet Supplies > Pet Supplies > Dog Supplies > Dog Toys"
+CAT_LITTER = "Animals & Pet Supplies > Pet Supplies > Cat Supplies > Cat Litter"
+
+
+@pytest.fixture(scope="session")
+def encoders(encoder_dir: Path) -> tuple[TextEncoder, ImageEncoder]:
+    return load_encoders(encoder_dir)
+
+
+def claim_all(engine: Engine) -> list[int]:
+    with engine.begin() as conn:
+        return [
+            c.product_id for c in claim_batch(conn, limit=100, lease_seconds=300, max_attempts=5)
+        ]
+
+
+def test_branch_is_chosen_by_its_mass_then_the_closest_node_inside_it() -> None:
+    # One product vector; branch A has one node a little closer than anything in B, but B
+    # has many close nodes: B holds more mass, and B's closest node is the answer.
+    paths = ["A", "A > a1", "B", "B > b1", "B > b2", "B > b3"]
+    product = np.array([[1.0, 0.0]], dtype=np.float32)
+
+    def unit(cos: float) -> list[float]:
+        return [cos, float(np.sqrt(1 - cos * cos))]
+
+    vectors = np.array([unit(0.0), unit(0.80), unit(0.0), unit(0.78), unit(0.77), unit(0.79)])
+    verdict = ZeroLabelScorer(paths, vectors, temperature=0.05).score(product)[0]
+    assert verdict.category == "B > b3"
+    assert 0.5 < verdict.confidence < 1.0  # B's mass
+    assert [s["category"] for s in verdict.top_k][0] == "B > b3"
+    assert len(verdict.top_k) == 3
+
+
+def test_without_a_champion_products_get_taxonomy_suggestions_and_wait_for_review(
+    engine: Engine, encoders: tuple[TextEncoder, ImageEncoder], fixture_data: Path
+) -> None:
+    import_taxonomy(engine, GOOGLE_HEAD)
+    insert_products(
+        engine,
+        [
+            {"sku": "toy", "name": "Squeaky rubber chew toy for dogs"},
+            {"sku": "litter", "name": "Clumping clay cat litter, 20 lb"},
+            {"sku": "empty", "name": "   "},
+        ],
+    )
+    runtime = Runtime(engine, Settings(image_roots=[fixture_data], model_poll_seconds=0), *encoders)
+    classifier = zero_label_classifier(runtime)
+    assert isinstance(classifier, ZeroLabelClassifier)
+    with Session(engine) as db, db.begin():
+        summary = classify_products(db, claim_all(engine), classifier)
+    assert (summary.classified, summary.needs_review, summary.failed) == (0, 2, 1)
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT p.sku, p.status, c.path, p.confidence, m.status AS model_status "
+                "FROM products p LEFT JOIN categories c ON c.id = p.predicted_id "
+                "LEFT JOIN model_versions m ON m.id = p.model_version_id ORDER BY p.id"
+            )
+        ).all()
+    by_sku = {r.sku: r for r in rows}
+    assert by_sku["toy"].path == DOG_TOYS
+    assert by_sku["litter"].path == CAT_LITTER
+    for sku in ("toy", "litter"):
+        assert by_sku[sku].status == "needs_review"
+        assert by_sku[sku].model_status == "zero_label"
+        assert 0 < by_sku[sku].confidence <= 1
+    assert by_sku["empty"].status == "failed"
+    assert scalar(engine, "SELECT count(*) FROM predictions") == 2
+    # Every row is finished: two suggestions, one failure with its reason.
+    assert scalar(engine, "SELECT count(*) FROM classification_queue") == 0
+
+
+def test_category_vectors_are_stored_once_per_taxonomy(
+    engine: Engine, encoders: tuple[TextEncoder, ImageEncoder]
+) -> None:
+    text_encoder = encoders[0]
+    assert ensure_zero_label_model(engine, text_encoder) is None  # no categories, no scorer
+
+    import_taxonomy(engine, GOOGLE_HEAD)
+    first = ensure_zero_label_model(engine, text_encoder)
+    again = ensure_zero_label_model(engine, text_encoder)
+    assert first is not None and again is not None
+    assert again.model_version_id == first.model_version_id
+    assert scalar(engine, "SELECT count(*) FROM model_versions WHERE status = 'zero_label'") == 1
+
+    with engine.begin() as conn:
+        ensure_categories(conn, ["Animals & Pet Supplies > Pet Supplies > Fish Supplies"])
+    changed = ensure_zero_label_model(engine, text_encoder)
+    assert changed is not None and changed.model_version_id != first.model_version_id
+    assert "Animals & Pet Supplies > Pet Supplies > Fish Supplies" in changed.scorer.paths
+    # Not a model the registry may promote: no champion appeared.
+    assert scalar(engine, "SELECT count(*) FROM model_versions WHERE status = 'champion'") == 0

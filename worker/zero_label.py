@@ -1,0 +1,325 @@
+"""Classifying into a taxonomy nobody has labeled yet: products against what categories are named.
+
+Each category is embedded once by its own name with the worker's text encoder; a product's
+text vector is compared with every node. The cosine similarities, sharpened by a
+temperature, make one softmax over all nodes, which ``worker.tree.LabelTree`` sums into
+node probabilities (a parent's mass is its subtree's). The top level is the root with the
+most mass, and the answer is the node of that branch most like the product. Measured on
+Best Buy, Flipkart and PriceRunner titles mapped onto Google's taxonomy
+(benchmarks/cold_start.py): names alone beat whole paths as category text, and choosing
+the branch by mass before the node beats the nearest node overall.
+
+These suggestions are never auto-accepted: their calibration has not been shown, so every
+product classified this way waits for a person (``needs_review``) with the suggestion and
+its alternatives in front of them.
+
+The category vectors are stored once per (taxonomy, text encoder) as a ``model_versions``
+row with status ``zero_label`` (migration 0006): its version is ``zero-label-<key>``, the
+key a hash of the sorted category paths and the encoder identity, so every worker and
+``shelver evaluate`` reuse them and a changed taxonomy gets its own row, and predictions
+name the scorer that made them.
+
+API:
+    model = ensure_zero_label_model(engine, text_encoder)   # None without categories
+    verdicts = model.scorer.score(product_vectors)
+    classifier = ZeroLabelClassifier(text_encoder, image_encoder, model, image_settings)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.orm import Session
+
+from shelver.catalog.categories import SEPARATOR
+from shelver.worker.classify import Outcome, ScoredBatch
+from shelver.worker.encoders import ImageEncoder, TextEncoder
+from shelver.worker.featurize import embed_products
+from shelver.worker.images import ImageSettings
+from shelver.worker.inputs import DEFAULT_TEXT_PACKING, ProductContent
+from shelver.worker.tree import LabelTree, path_parts
+
+if TYPE_CHECKING:
+    from shelver.worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+ZERO_LABEL_STATUS = "zero_label"
+VERSION_PREFIX = "zero-label-"
+# Chosen on the dev half of benchmarks/cold_start.py's set: 0.03 and 0.07 both did worse.
+TEMPERATURE = 0.05
+TOP_K = 3
+CONTEXT_SHARE = 0.2
+# Bumped whenever category_vectors or the artifact layout changes, so old rows are not reused.
+RECIPE = 1
+
+
+def category_texts(path: str) -> tuple[str, str]:
+    """What a category is, as text: its own name, and its name with its ancestors'.
+
+    Names alone are the stronger signal: embedding every node's whole path pulled all of
+    a branch's nodes together and lost the node's meaning (path accuracy 0.33 against 0.49
+    on the dev half). A fifth of the name-in-context vector mixed in helps a little (0.51):
+    "Accessories" under "Mobile Phones" is not "Accessories" under "Cameras".
+    """
+    parts = path_parts(path)
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    return parts[-1], f"{parts[-1]} ({SEPARATOR.join(parts[:-1])})"
+
+
+def category_vectors(paths: Sequence[str], text_encoder: TextEncoder) -> np.ndarray:
+    """One unit vector per path: ``CONTEXT_SHARE`` of name-in-context, the rest name."""
+    texts = [category_texts(p) for p in paths]
+    names = text_encoder.encode([t[0] for t in texts])
+    in_context = text_encoder.encode([t[1] for t in texts])
+    mixed = (1 - CONTEXT_SHARE) * names + CONTEXT_SHARE * in_context
+    return mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+
+
+def taxonomy_key(paths: Sequence[str], encoder_identity: str) -> str:
+    """A hash naming the category vectors of these paths under this encoder."""
+    digest = hashlib.sha256(f"{RECIPE}\n{encoder_identity}\n".encode())
+    digest.update("\n".join(sorted(paths)).encode())
+    return digest.hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One product's suggestion: the node, its probability, and the runners-up."""
+
+    category: str
+    confidence: float
+    top_k: list[dict]
+
+
+class ZeroLabelScorer:
+    """Category vectors and the tree they span; scores product vectors against them."""
+
+    def __init__(
+        self, paths: Sequence[str], vectors: np.ndarray, temperature: float = TEMPERATURE
+    ) -> None:
+        if len(paths) != len(vectors):
+            raise ValueError(f"{len(paths)} category paths but {len(vectors)} vectors")
+        self.tree = LabelTree(paths)
+        # LabelTree normalizes the paths; keep the vectors in its label order.
+        self.paths = self.tree.labels
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+        self.temperature = temperature
+        node_of = {node: i for i, node in enumerate(self.tree.nodes)}
+        self._node_of = node_of
+        # For each root, the label columns in its branch.
+        self._branch: dict[int, np.ndarray] = {}
+        root_of = np.array([node_of[path_parts(p)[0]] for p in self.paths])
+        for root in self.tree.roots:
+            self._branch[int(root)] = np.nonzero(root_of == root)[0]
+
+    def probabilities(self, product_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, softmax over the category labels), both (n, len(paths))."""
+        similarity = np.asarray(product_vectors, dtype=np.float32) @ self.vectors.T
+        logits = similarity / self.temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        return similarity, probs
+
+    def score(self, product_vectors: np.ndarray) -> list[Verdict]:
+        similarity, probs = self.probabilities(product_vectors)
+        nodes = self.tree.node_probs(probs)
+        verdicts = []
+        for sim, p, n in zip(similarity, probs, nodes, strict=True):
+            root = int(self.tree.roots[np.argmax(n[self.tree.roots])])
+            branch = self._branch[root]
+            best = int(branch[np.argmax(sim[branch])])
+            category = self.paths[best]
+            others = [self.paths[k] for k in np.argsort(-p)[: TOP_K + 1] if k != best]
+            top = [
+                {"category": path, "p": round(float(n[self._node_of[path]]), 6)}
+                for path in [category, *others][:TOP_K]
+            ]
+            # The branch's mass: how sure the scorer is of the top level it chose.
+            verdicts.append(Verdict(category, min(1.0, float(n[root])), top))
+        return verdicts
+
+    def to_bytes(self) -> bytes:
+        """The artifact: an .npz of the vectors and the paths as JSON (no pickle)."""
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            vectors=self.vectors,
+            paths=np.frombuffer(json.dumps(self.paths).encode(), dtype=np.uint8),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, artifact: bytes) -> ZeroLabelScorer:
+        with np.load(io.BytesIO(artifact), allow_pickle=False) as data:
+            paths = json.loads(data["paths"].tobytes().decode())
+            return cls(paths, data["vectors"])
+
+
+@dataclass(frozen=True)
+class ZeroLabelModel:
+    """The scorer of one taxonomy and its registry row (predictions name it)."""
+
+    model_version_id: int
+    version: str
+    scorer: ZeroLabelScorer
+
+
+PATHS_SQL = text("SELECT path FROM categories ORDER BY path")
+
+FIND_SQL = text("SELECT id, version, sha256, artifact FROM model_versions WHERE version = :version")
+
+INSERT_SQL = text(
+    """
+    INSERT INTO model_versions (version, status, artifact, sha256, labels, encoders, metrics,
+                                threshold)
+    VALUES (:version, 'zero_label', :artifact, :sha256, CAST(:labels AS jsonb),
+            CAST(:encoders AS jsonb), CAST(:metrics AS jsonb), 1.0)
+    ON CONFLICT (version) DO NOTHING
+    """
+)
+"""Two workers computing the same taxonomy's vectors at once: the second insert does
+nothing and both read the one row back. Threshold 1.0: nothing is auto-accepted."""
+
+
+def category_paths(conn: Connection) -> list[str]:
+    return list(conn.execute(PATHS_SQL).scalars())
+
+
+def ensure_zero_label_model(
+    engine: Engine, text_encoder: TextEncoder, temperature: float = TEMPERATURE
+) -> ZeroLabelModel | None:
+    """The zero-label scorer of the catalog's categories as they are now, or None if it has
+    none. Encodes the category names only when this taxonomy has no stored row yet."""
+    with engine.connect() as conn:
+        paths = category_paths(conn)
+        if not paths:
+            return None
+        version = VERSION_PREFIX + taxonomy_key(paths, text_encoder.identity)
+        row = conn.execute(FIND_SQL, {"version": version}).one_or_none()
+    if row is None:
+        log.info("encoding %d categories for the zero-label scorer", len(paths))
+        vectors = category_vectors(paths, text_encoder)
+        artifact = ZeroLabelScorer(paths, vectors, temperature).to_bytes()
+        params = {
+            "version": version,
+            "artifact": artifact,
+            "sha256": hashlib.sha256(artifact).hexdigest(),
+            "labels": json.dumps(paths),
+            "encoders": json.dumps({"text": text_encoder.identity}),
+            "metrics": json.dumps({"kind": "zero_label", "categories": len(paths),
+                                   "temperature": temperature, "recipe": RECIPE}),
+        }  # fmt: skip
+        with engine.begin() as conn:
+            conn.execute(INSERT_SQL, params)
+            row = conn.execute(FIND_SQL, {"version": version}).one()
+    model_version_id, version, sha256, artifact = row
+    artifact = bytes(artifact)
+    if hashlib.sha256(artifact).hexdigest() != sha256:
+        raise ValueError(
+            f"zero-label scorer {version}: artifact does not match its sha256; delete the "
+            "model_versions row and it is computed again"
+        )
+    scorer = ZeroLabelScorer.from_bytes(artifact)
+    scorer.temperature = temperature
+    return ZeroLabelModel(model_version_id, version, scorer)
+
+
+class ZeroLabelClassifier:
+    """The worker's classifier when no champion exists but the catalog has categories.
+
+    Text only: an ImageNet feature vector says nothing about category names without a
+    trained head. Every outcome waits for review (``accepted`` stays False).
+    """
+
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        image_encoder: ImageEncoder,
+        model: ZeroLabelModel,
+        image_settings: ImageSettings,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.model = model
+        self.image_settings = image_settings
+        self.model_version_id = model.model_version_id
+
+    def score(self, db: Session, rows: Sequence[ProductContent]) -> ScoredBatch:
+        # Text only: no image is fetched or encoded for a scorer that would not read it.
+        features = embed_products(
+            db,
+            [ProductContent(r.product_id, r.content_hash, r.name, r.description, None)
+             for r in rows],
+            self.text_encoder,
+            self.image_encoder,
+            self.image_settings,
+            text_packing=DEFAULT_TEXT_PACKING,
+        )  # fmt: skip
+        outcomes: list[Outcome] = []
+        usable = []
+        for i, row in enumerate(rows):
+            if not features.inputs.texts[i].strip():
+                reason = "no usable text (the zero-label scorer reads text only)"
+                outcomes.append(Outcome(row.product_id, row.content_hash, failure=reason))
+            else:
+                usable.append(i)
+                outcomes.append(Outcome(row.product_id, row.content_hash))
+        verdicts = self.model.scorer.score(features.inputs.text_emb[usable]) if usable else []
+        for i, verdict in zip(usable, verdicts, strict=True):
+            outcome = outcomes[i]
+            outcome.category = verdict.category
+            outcome.confidence = verdict.confidence
+            outcome.top_k = verdict.top_k
+        return ScoredBatch(outcomes, {self.text_encoder.identity: features.new_text})
+
+
+class ZeroLabelRuntime:
+    """A worker process's zero-label scorer, looked up again at most every ``poll_seconds``
+    (a taxonomy import changes it) and kept in memory between looks."""
+
+    def __init__(self, engine: Engine, text_encoder: TextEncoder, poll_seconds: float) -> None:
+        self.engine = engine
+        self.text_encoder = text_encoder
+        self.poll_seconds = poll_seconds
+        self._model: ZeroLabelModel | None = None
+        self._checked_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def model(self) -> ZeroLabelModel | None:
+        with self._lock:
+            if time.monotonic() - self._checked_at >= self.poll_seconds:
+                self._checked_at = time.monotonic()
+                self._model = ensure_zero_label_model(self.engine, self.text_encoder)
+            return self._model
+
+
+_runtime: ZeroLabelRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def zero_label_classifier(runtime: Runtime) -> ZeroLabelClassifier | None:
+    """The classifier a worker without a champion uses: the zero-label scorer of the
+    catalog's categories, or None while the catalog has no category at all."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime.engine is not runtime.engine:
+            _runtime = ZeroLabelRuntime(
+                runtime.engine, runtime.text_encoder, runtime.settings.model_poll_seconds
+            )
+    model = _runtime.model()
+    if model is None:
+        return None
+    return ZeroLabelClassifier(runtime.text_encoder, runtime.image_encoder, model, runtime.settings)
