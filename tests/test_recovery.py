@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 from support import centroid_artifact, insert, register_champion, scalar, training_titles
-from test_e2e_worker import SHELVER, running, sample_products, wait_for
+from test_e2e_worker import running, sample_products, wait_for
 
 from shelver.worker.encoders import load_encoders
 
@@ -157,20 +156,3 @@ def test_a_worker_that_stops_cleanly_leaves_the_workers_table(
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
     assert scalar(engine, "SELECT count(*) FROM workers") == 0
-
-
-def test_metrics_port_in_use_is_a_user_error(env: dict[str, str], tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [*SHELVER, "dispatch", "--metrics-port", str(port)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert result.returncode == 2, result.stderr
-    assert f"cannot serve metrics on port {port}" in result.stderr + result.stdout
-    assert "--metrics-port" in result.stderr + result.stdout
