@@ -568,3 +568,14 @@ def release_dead_workers(db: Executor, *, dead_after_s: float) -> list[int]:
         {"dead_after": dead_after_s},
     )
     return released
+
+
+def live_workers(db: Executor, *, dead_after_s: float) -> int:
+    """Worker processes that heartbeated within ``dead_after_s``. A plain read, no locks."""
+    return db.execute(
+        text(
+            "SELECT count(*) FROM workers "
+            "WHERE heartbeat_at >= now() - make_interval(secs => :dead_after)"
+        ),
+        {"dead_after": dead_after_s},
+    ).scalar_one()

@@ -28,7 +28,7 @@ def test_compose_has_every_service_with_health_checks_and_order() -> None:
     services = compose["services"]
     assert set(services) == {
         "postgres", "redis", "migrate", "encoders", "dispatcher", "worker", "trainer", "beat",
-        "web",
+        "web", "prometheus", "grafana",
     }  # fmt: skip
     assert "healthcheck" in services["postgres"] and "healthcheck" in services["redis"]
     for name in ("dispatcher", "worker", "trainer", "beat", "web"):

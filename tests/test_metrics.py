@@ -165,6 +165,7 @@ def test_dispatcher_and_worker_metrics_move_with_their_events(
                 lambda v: v >= 1, "a batch timed", tmp_path,
             )  # fmt: skip
             assert value(worker_port, "shelver_champion_info", version="metrics-a") == 1
+            assert value(dispatch_port, "shelver_workers_alive") == 2
             reloads = value(worker_port, "shelver_model_reloads_total")
             assert reloads >= 1
 

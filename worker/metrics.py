@@ -72,7 +72,12 @@ CHAMPION = Gauge(
     multiprocess_mode="livemax",
 )
 
-# Dispatcher.
+# Dispatcher. The queue's figures are read from PostgreSQL at each scrape
+# (``metrics_http.QueueCollector``), under these names, each labelled by lane.
+QUEUE_DEPTH = "shelver_queue_depth"
+QUEUE_CLAIMED = "shelver_queue_claimed"
+QUEUE_OLDEST_AGE = "shelver_queue_oldest_age_seconds"
+WORKERS_ALIVE = "shelver_workers_alive"
 BATCHES_DISPATCHED = Counter(
     "shelver_batches_dispatched_total", "Batches sent to the broker, by lane.", ["lane"]
 )

@@ -101,7 +101,8 @@ def mark_this_process_dead() -> None:
 
 
 class QueueCollector:
-    """Queue depth, claimed rows and the oldest row's age per lane, read at scrape time."""
+    """Queue depth, claimed rows and the oldest row's age per lane, and live workers, read
+    from PostgreSQL at scrape time."""
 
     def __init__(self, engine) -> None:  # noqa: ANN001 - a SQLAlchemy Engine
         self.engine = engine
@@ -110,23 +111,26 @@ class QueueCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         from shelver.catalog import queue
+        from shelver.worker import metrics
+        from shelver.worker.heartbeat import DEAD_AFTER_SECONDS
 
         try:
             with self.engine.connect() as conn:
                 lanes = queue.lane_status(conn)
+                alive = queue.live_workers(conn, dead_after_s=DEAD_AFTER_SECONDS)
         except Exception as exc:
             # A scrape during a database outage shows no queue figures (Prometheus
             # marks them absent) rather than failing the whole scrape.
             log.warning("queue metrics unavailable: %s", exc)
             return
         depth = GaugeMetricFamily(
-            "shelver_queue_depth", "Rows in the classification queue, by lane.", labels=["lane"]
+            metrics.QUEUE_DEPTH, "Rows in the classification queue, by lane.", labels=["lane"]
         )
         claimed = GaugeMetricFamily(
-            "shelver_queue_claimed", "Queue rows claimed under a lease, by lane.", labels=["lane"]
+            metrics.QUEUE_CLAIMED, "Queue rows claimed under a lease, by lane.", labels=["lane"]
         )
         age = GaugeMetricFamily(
-            "shelver_queue_oldest_age_seconds",
+            metrics.QUEUE_OLDEST_AGE,
             "Age of the oldest row in the queue, by lane (0 when empty).",
             labels=["lane"],
         )
@@ -135,6 +139,11 @@ class QueueCollector:
             claimed.add_metric([lane.lane], lane.claimed)
             age.add_metric([lane.lane], lane.oldest_age_s or 0.0)
         yield from (depth, claimed, age)
+        yield GaugeMetricFamily(
+            metrics.WORKERS_ALIVE,
+            "Worker pool processes whose heartbeat is fresh.",
+            value=alive,
+        )
 
 
 def serve(port: int, *, engine=None, multiprocess_dir: str | None = None) -> None:  # noqa: ANN001
