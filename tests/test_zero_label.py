@@ -3,6 +3,11 @@ suggestion, stored once per taxonomy, always for review."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +129,59 @@ def test_category_vectors_are_stored_once_per_taxonomy(
     assert "Animals & Pet Supplies > Pet Supplies > Fish Supplies" in changed.scorer.paths
     # Not a model the registry may promote: no champion appeared.
     assert scalar(engine, "SELECT count(*) FROM model_versions WHERE status = 'champion'") == 0
+
+
+def write_labeled(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "name", "description", "category", "category_path", "image"])
+        for i, (name, category_path) in enumerate(rows):
+            writer.writerow([f"e{i}", name, "", category_path.split(" > ")[0], category_path, ""])
+    return path
+
+
+def shelver_cli(database_url: str, encoder_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "SHELVER_DATABASE_URL": database_url,
+        "SHELVER_MODEL_DIR": str(encoder_dir),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "shelver.worker", *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_evaluate_without_a_champion_scores_the_zero_label_scorer_and_says_so(
+    engine: Engine, database_url: str, encoder_dir: Path, tmp_path: Path
+) -> None:
+    import_taxonomy(engine, GOOGLE_HEAD)
+    held = write_labeled(
+        tmp_path / "held.csv",
+        [
+            ("Squeaky rubber chew toy for dogs", DOG_TOYS),
+            ("Clumping clay cat litter, 20 lb", CAT_LITTER),
+            ("4K television, 55 inch", "Electronics > Video > Televisions"),
+        ],
+    )
+    result = shelver_cli(database_url, str(encoder_dir), "evaluate", str(held), "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["scorer"] == "zero_label"
+    assert figures["model"].startswith("zero-label-")
+    assert figures["n"] == 3
+    assert figures["hierarchical"]["path_accuracy"] == pytest.approx(2 / 3)
+    assert figures["unknown_categories"] == {"Electronics > Video > Televisions": 1}
+    assert (figures["auto_accepted"], figures["unknown_auto_accepted"]) == (0.0, 0.0)
+    # Nothing was written to the catalog but the scorer's stored category vectors.
+    assert scalar(engine, "SELECT count(*) FROM products") == 0
+
+
+def test_evaluate_with_neither_champion_nor_taxonomy_says_what_to_load(
+    engine: Engine, database_url: str, encoder_dir: Path, tmp_path: Path
+) -> None:
+    held = write_labeled(tmp_path / "held.csv", [("Squeaky chew toy", DOG_TOYS)])
+    result = shelver_cli(database_url, str(encoder_dir), "evaluate", str(held), "--json")
+    assert result.returncode != 0
+    assert "shelver taxonomy import" in result.stderr
+    assert result.stdout == ""
