@@ -43,6 +43,13 @@ def score_predictions(
     padded = np.hstack([probs, np.zeros((len(probs), len(unknown)))])
     metrics = evaluate(list(y_true), padded, labels, threshold=threshold)
     metrics["unknown_categories"] = dict(unknown)
+    # Open-set safety: of the rows whose category the model never saw, the share it
+    # would have auto-accepted anyway (necessarily into a wrong category).
+    is_unknown = np.array([y in unknown for y in y_true], dtype=bool)
+    accepted = probs.max(axis=1) >= threshold
+    metrics["unknown_auto_accepted"] = (
+        float(accepted[is_unknown].mean()) if is_unknown.any() else None
+    )
     return metrics
 
 
