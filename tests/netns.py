@@ -104,7 +104,13 @@ class Host:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def spawn(
-        self, argv: list[str], env: dict[str, str], log: Path, *, as_service_user: bool = False
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path,
+        *,
+        cwd: Path | None = None,
+        as_service_user: bool = False,
     ) -> subprocess.Popen:
         """Start ``argv`` in this namespace under ``timeout`` (killed after ``bound_s``)."""
         prefix = ["ip", "netns", "exec", self.namespace]
@@ -118,9 +124,13 @@ class Host:
             proc = subprocess.Popen(
                 prefix + argv,
                 env=env,
+                cwd=cwd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                # Its own process group, for killpg, but not its own session: with the
+                # kernel's autogroup scheduling each session gets an equal CPU share, so
+                # two one-process hosts would outrun one two-process host on a busy machine.
+                process_group=0,
             )  # fmt: skip
         self.processes.append(proc)
         return proc

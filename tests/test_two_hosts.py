@@ -103,6 +103,7 @@ def test_a_cut_worker_host_loses_nothing_and_the_other_host_finishes(
             [*SHELVER, "worker", "-c", "1", "--threads", "1", "-n", f"host{i}@%h"],
             worker_env(services, own_model_dir(encoder_dir, host_dir), host_dir, **settings),
             logs / f"worker{i}.log",
+            cwd=host_dir,
         )
     cut, other = network.workers
 
