@@ -1,17 +1,18 @@
 """Classifying into a taxonomy nobody has labeled yet: products against what categories are named.
 
-Each category is embedded once by its own name with the worker's text encoder; a product's
-text vector is compared with every node. The cosine similarities, sharpened by a
-temperature, make one softmax over all nodes, which ``worker.tree.LabelTree`` sums into
-node probabilities (a parent's mass is its subtree's). The top level is the root with the
-most mass, and the answer is the node of that branch most like the product. Measured on
-Best Buy, Flipkart and PriceRunner titles mapped onto Google's taxonomy
-(benchmarks/cold_start.py): names alone beat whole paths as category text, and choosing
-the branch by mass before the node beats the nearest node overall.
+Each category is embedded once with the worker's text encoder, mostly by its own name
+(``category_vectors``); a product's text vector is compared with every node. The cosine
+similarities, sharpened by a temperature, make one softmax over all nodes, which
+``worker.tree.LabelTree`` sums into node probabilities (a parent's mass is its
+subtree's). The top level is the root with the most mass, and the answer is the node of
+that branch most like the product. Measured on Best Buy, Flipkart and PriceRunner titles
+mapped onto Google's taxonomy (benchmarks/cold_start.py, docs/cold_start.md): names
+beat whole paths as category text, and choosing the branch by mass before the node
+beats the nearest node overall.
 
-These suggestions are never auto-accepted: their calibration has not been shown, so every
-product classified this way waits for a person (``needs_review``) with the suggestion and
-its alternatives in front of them.
+These suggestions are never auto-accepted: their calibration is measured only at the top
+level, on our own mapped sets, so every product classified this way waits for a person
+(``needs_review``) with the suggestion and its alternatives in front of them.
 
 The category vectors are stored once per (taxonomy, text encoder) as a ``model_versions``
 row with status ``zero_label`` (migration 0006): its version is ``zero-label-<key>``, the
