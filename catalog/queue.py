@@ -477,6 +477,12 @@ def lane_status(db: Executor) -> list[LaneStatus]:
 # marks the queue rows of the batch it starts with its id, so a dispatcher can give
 # a dead worker's rows back in seconds instead of waiting out their lease.
 
+HEARTBEAT_SECONDS = 2.0
+# Five missed beats: a worker busy in onnxruntime or waiting on a slow database
+# still beats (the thread runs while native code holds no GIL), a dead one is
+# noticed within seconds.
+WORKER_DEAD_AFTER_SECONDS = 10.0
+
 
 def register_worker(db: Executor, worker_id: str, *, hostname: str, pid: int) -> None:
     """Record a worker process, alive as of now. Locks: its own ``workers`` row."""

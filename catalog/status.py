@@ -6,6 +6,7 @@ quietly being classified from text alone shows it.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import Engine, text
@@ -39,6 +40,16 @@ def catalog_status(engine: Engine) -> dict[str, Any]:
             )
         ).one_or_none()
         refused = refused_images(conn)
+        lanes = queue.lane_status(conn)
+        workers = queue.live_workers(conn, dead_after_s=queue.WORKER_DEAD_AFTER_SECONDS)
+        # The recent_errors view (migration 0005): failures of the last day and rows
+        # waiting to retry, one row per reason.
+        errors = conn.execute(
+            text(
+                "SELECT kind, reason, products, example_sku, example_error "
+                "FROM recent_errors LIMIT 10"
+            )
+        ).all()
     return {
         "products": {s: counts.get(s, 0) for s in PRODUCT_STATUSES},
         "images_refused": {"total": sum(refused.values()), "by_reason": refused},
@@ -49,7 +60,10 @@ def catalog_status(engine: Engine) -> dict[str, Any]:
             "oldest_pending_age_s": float(oldest_pending) if oldest_pending is not None else None,
             "backfill": waiting.backfill,
             "retrying": waiting.retrying,
+            "lanes": [asdict(lane) for lane in lanes],
         },
+        "workers_alive": workers,
+        "recent_errors": [dict(row._mapping) for row in errors],
         "champion": (
             {
                 "version": champion[0],

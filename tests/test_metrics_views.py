@@ -36,3 +36,23 @@ def test_queue_status_per_lane_and_recent_errors_grouped_by_reason(engine: Engin
         ("failed", "no usable text and no usable image", 2),
         ("retrying", "OperationalError", 1),
     ]
+
+
+def test_status_reports_lanes_live_workers_and_recent_errors(engine: Engine) -> None:
+    from shelver.catalog.status import catalog_status
+
+    ids = insert_products(engine, 2)
+    with engine.begin() as conn:
+        queue.fail(conn, {ids[0]: "no usable text and no usable image"})
+        queue.register_worker(conn, "w1", hostname="test", pid=1)
+    report = catalog_status(engine)
+    lanes = {lane["lane"]: lane for lane in report["queue"]["lanes"]}
+    assert (lanes["classify"]["depth"], lanes["backfill"]["depth"]) == (1, 0)
+    assert report["workers_alive"] == 1
+    (error,) = report["recent_errors"]
+    assert (error["kind"], error["reason"], error["products"]) == (
+        "failed",
+        "no usable text and no usable image",
+        1,
+    )
+    assert error["example_sku"] == "q-1"

@@ -21,11 +21,8 @@ from shelver.catalog import queue
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 2.0
-# Five missed beats: a worker busy in onnxruntime or waiting on a slow database
-# still beats (the thread runs while native code holds no GIL), a dead one is
-# noticed within seconds.
-DEAD_AFTER_SECONDS = 10.0
+HEARTBEAT_SECONDS = queue.HEARTBEAT_SECONDS
+DEAD_AFTER_SECONDS = queue.WORKER_DEAD_AFTER_SECONDS
 
 
 class Heartbeat:

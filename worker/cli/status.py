@@ -33,6 +33,20 @@ def status(
         f"queue: {queue['depth']} rows ({queue['claimed']} claimed), oldest pending "
         + (f"{age:.1f} s old" if age is not None else "none")
     )
+    for lane in queue["lanes"]:
+        age = lane["oldest_age_s"]
+        console.print(
+            f"  {lane['lane']}: {lane['depth']} rows ({lane['ready']} ready, "
+            f"{lane['claimed']} claimed, {lane['retrying']} retrying), oldest "
+            + (f"{age:.1f} s old" if age is not None else "none")
+        )
+    console.print(f"workers alive: {report['workers_alive']}")
+    for error in report["recent_errors"]:
+        console.print(
+            f"errors: {error['products']} {error['kind']} - {error['reason']} "
+            f"(e.g. {error['example_sku']}: {error['example_error']})",
+            markup=False,
+        )
     refused = report["images_refused"]
     if refused["total"]:
         reasons = ", ".join(f"{reason} {n}" for reason, n in refused["by_reason"].items())
