@@ -235,6 +235,8 @@ def test_dispatcher_and_worker_metrics_move_with_their_events(
             assert value(worker_port, "shelver_model_reloads_total") > reloads
             assert value(worker_port, "shelver_champion_info", version="metrics-b") == 1
     assert scalar(engine, "SELECT count(*) FROM classification_queue") == 0
+    # A worker that stopped cleanly took its metrics directory with it.
+    assert list((tmp_path / "shelver-metrics").iterdir()) == []
 
 
 def test_beat_counts_its_retraining_checks(env: dict[str, str], tmp_path: Path) -> None:

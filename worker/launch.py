@@ -7,6 +7,7 @@ uses (forked or spawned), each process's Runtime reads the same SHELVER_ORT_THRE
 from __future__ import annotations
 
 import os
+import shutil
 
 from shelver.catalog.settings import Settings, reset_settings
 from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_QUEUE, QUEUES, app
@@ -61,17 +62,23 @@ def run_worker(
     os.environ["SHELVER_ORT_THREADS"] = str(ort_threads(settings, concurrency, threads))
     # Pool processes must read the environment just written, not settings cached before it.
     reset_settings()
+    directory = None
     if metrics_port is not None:
         directory = prepare_multiprocess_dir()
         serve(metrics_port, multiprocess_dir=str(directory))
-    app.worker_main(
-        [
-            "worker",
-            "-Q", ",".join(sorted(queues)),
-            "-c", str(concurrency),
-            "-P", pool,
-            "-l", loglevel,
-            "-n", name or DEFAULT_NODE_NAME.format(pid=os.getpid()),
-            "--without-gossip", "--without-mingle",
-        ]
-    )  # fmt: skip
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "-Q", ",".join(sorted(queues)),
+                "-c", str(concurrency),
+                "-P", pool,
+                "-l", loglevel,
+                "-n", name or DEFAULT_NODE_NAME.format(pid=os.getpid()),
+                "--without-gossip", "--without-mingle",
+            ]
+        )  # fmt: skip
+    finally:
+        # The pool has stopped; a killed worker's directory goes at the next start.
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
