@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import Engine, text
 from support import centroid_artifact, insert, register_champion, scalar, training_titles
@@ -234,6 +235,15 @@ def test_dispatcher_and_worker_metrics_move_with_their_events(
             )  # fmt: skip
             assert value(worker_port, "shelver_model_reloads_total") > reloads
             assert value(worker_port, "shelver_champion_info", version="metrics-b") == 1
+
+            # A pool process killed: its live gauges leave the sum at the next scrape.
+            directory = tmp_path / "shelver-metrics" / f"worker-{worker.pid}"
+            child = psutil.Process(worker.pid).children()[0]
+            assert (directory / f"gauge_livemax_{child.pid}.db").exists()
+            child.kill()
+            child.wait(timeout=30)
+            scrape(worker_port)
+            assert not (directory / f"gauge_livemax_{child.pid}.db").exists()
     assert scalar(engine, "SELECT count(*) FROM classification_queue") == 0
     # A worker that stopped cleanly took its metrics directory with it.
     assert list((tmp_path / "shelver-metrics").iterdir()) == []
