@@ -14,20 +14,28 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
-from support import insert_products, scalar
+from support import (
+    CATEGORIES,
+    centroid_artifact,
+    insert_products,
+    register_champion,
+    scalar,
+    training_titles,
+)
 
 from shelver.catalog.categories import ensure_categories
 from shelver.catalog.queue import claim_batch
 from shelver.catalog.settings import Settings
 from shelver.catalog.taxonomy import import_taxonomy
-from shelver.worker.classify import classify_products
+from shelver.worker.classify import FusionClassifier, classify_products
 from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
 from shelver.worker.runtime import Runtime
 from shelver.worker.zero_label import (
     ZeroLabelClassifier,
     ZeroLabelScorer,
     ensure_zero_label_model,
-    zero_label_classifier,
+    serving_classifier,
+    unlabeled_categories,
 )
 
 GOOGLE_HEAD = (
@@ -82,7 +90,7 @@ def test_without_a_champion_products_get_taxonomy_suggestions_and_wait_for_revie
         ],
     )
     runtime = Runtime(engine, Settings(image_roots=[fixture_data], model_poll_seconds=0), *encoders)
-    classifier = zero_label_classifier(runtime)
+    classifier = serving_classifier(runtime, None)
     assert isinstance(classifier, ZeroLabelClassifier)
     with Session(engine) as db, db.begin():
         summary = classify_products(db, claim_all(engine), classifier)
@@ -185,3 +193,96 @@ def test_evaluate_with_neither_champion_nor_taxonomy_says_what_to_load(
     assert result.returncode != 0
     assert "shelver taxonomy import" in result.stderr
     assert result.stdout == ""
+
+
+def test_with_a_champion_categories_it_never_learned_are_suggested_and_wait_for_review(
+    engine: Engine, encoders: tuple[TextEncoder, ImageEncoder], fixture_data: Path
+) -> None:
+    artifact = centroid_artifact(*encoders, training_titles(fixture_data))
+    register_champion(engine, artifact, "centroid-1")
+    new_branch = ["Toys, Games & Drones > Drones", "Health & Beauty > Electric Toothbrushes"]
+    with engine.begin() as conn:
+        ensure_categories(conn, [*CATEGORIES, *new_branch])
+    products = [
+        {"sku": "drone", "name": "Quadcopter drone with 4K camera and remote controller"},
+        {"sku": "brush", "name": "Rechargeable electric toothbrush with 3 brushing modes"},
+        {"sku": "fridge", "name": "Whirlpool 25 cu. ft. side-by-side refrigerator, stainless"},
+    ]
+    settings = Settings(image_roots=[fixture_data], model_poll_seconds=0)
+    runtime = Runtime(engine, settings, *encoders)
+    champion = runtime.champion()
+    assert champion is not None
+
+    def classify(classifier: object, run: str) -> dict[str, tuple[str, str]]:
+        insert_products(engine, [{**p, "sku": f"{p['sku']}-{run}"} for p in products])
+        with Session(engine) as db, db.begin():
+            classify_products(db, claim_all(engine), classifier)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT p.sku, c.path, p.status FROM products p "
+                    "JOIN categories c ON c.id = p.predicted_id WHERE p.sku LIKE :run"
+                ),
+                {"run": f"%-{run}"},
+            ).all()
+        return {sku.split("-")[0]: (path, status) for sku, path, status in rows}
+
+    alone = classify(
+        FusionClassifier(runtime.text_encoder, runtime.image_encoder, champion, settings), "alone"
+    )
+    merged = classify(serving_classifier(runtime, champion), "merged")
+
+    # The champion alone can only name what it learned.
+    assert alone["drone"][0] in CATEGORIES and alone["brush"][0] in CATEGORIES
+    assert merged["drone"] == ("Toys, Games & Drones > Drones", "needs_review")
+    assert merged["brush"] == ("Health & Beauty > Electric Toothbrushes", "needs_review")
+    # What the champion knows it still answers as before.
+    assert merged["fridge"] == alone["fridge"] == ("Appliances", "classified")
+
+
+def test_unlabeled_categories_are_those_no_label_covers() -> None:
+    labels = ["Cell Phones", "Electronics > Audio"]
+    paths = [
+        "Cell Phones",
+        "Cell Phones > Cases",  # below a label: the champion answers it coarsely
+        "Electronics",  # an ancestor of a label: a node of the champion's tree
+        "Electronics > Audio",
+        "Electronics > Video",  # a sibling of a label: unlabeled
+        "Toys",
+    ]
+    assert [paths[k] for k in unlabeled_categories(labels, paths)] == [
+        "Electronics > Video",
+        "Toys",
+    ]
+
+
+def test_evaluate_with_a_champion_scores_it_merged_with_the_unlabeled_categories(
+    engine: Engine,
+    database_url: str,
+    encoder_dir: Path,
+    encoders: tuple[TextEncoder, ImageEncoder],
+    fixture_data: Path,
+    tmp_path: Path,
+) -> None:
+    register_champion(engine, centroid_artifact(*encoders, training_titles(fixture_data)), "c-1")
+    held = write_labeled(
+        tmp_path / "held.csv",
+        [
+            ("Quadcopter drone with 4K camera and remote controller", "Toys > Drones"),
+            ("Whirlpool 25 cu. ft. side-by-side refrigerator, stainless", "Appliances"),
+        ],
+    )
+    alone = shelver_cli(database_url, encoder_dir, "evaluate", str(held), "--json")
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout)["scorer"] == "champion"  # no category beyond its labels
+
+    with engine.begin() as conn:
+        ensure_categories(conn, [*CATEGORIES, "Toys > Drones"])
+    result = shelver_cli(database_url, encoder_dir, "evaluate", str(held), "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["scorer"] == "champion+zero_label"
+    assert figures["model"] == "c-1" and figures["zero_label_model"].startswith("zero-label-")
+    assert figures["unlabeled_categories"] == 2  # Toys, Toys > Drones
+    assert figures["hierarchical"]["path_accuracy"] == 1.0
+    assert json.loads(alone.stdout)["hierarchical"]["path_accuracy"] == 0.5

@@ -24,7 +24,7 @@ from shelver.training.hierarchy import hierarchical_metrics, split_path
 from shelver.worker.encoders import load_encoders
 from shelver.worker.images import ImageUsage
 from shelver.worker.inputs import DEFAULT_TEXT_PACKING, ProductContent, pack_texts
-from shelver.worker.zero_label import ensure_zero_label_model
+from shelver.worker.zero_label import MergedModel, ensure_zero_label_model
 
 NO_TAXONOMY = (
     "there is no champion model and no category to suggest from; load a taxonomy "
@@ -81,8 +81,10 @@ def evaluate_zero_label_file(
 def evaluate_served(
     engine: Engine, path: Path, settings: Settings
 ) -> tuple[dict[str, Any], ImportReport, ImageUsage | None]:
-    """Score on ``path`` what the worker would serve now: the champion when there is one
-    (``scorer: champion``), else the zero-label scorer (``scorer: zero_label``)."""
+    """Score on ``path`` what the worker would serve now (``zero_label.serving_classifier``):
+    the champion, merged with the zero-label scorer when the catalog has categories it was
+    not trained on (``scorer``: ``champion+zero_label``, else ``champion``), or without a
+    champion the zero-label scorer alone (``zero_label``)."""
     from shelver.training.holdout import champion_model, evaluate_file
 
     with engine.connect() as conn:
@@ -91,9 +93,15 @@ def evaluate_served(
         metrics, rejected = evaluate_zero_label_file(engine, path, settings)
         return metrics, rejected, None
     record, model = champion_model(engine)
+    scorer = "champion"
+    zero = ensure_zero_label_model(engine, load_encoders(settings.model_dir)[0])
+    if zero is not None:
+        merged = MergedModel(model, zero.scorer)
+        if merged.unlabeled:
+            model, scorer = merged, "champion+zero_label"
     result = evaluate_file(model, path, settings)
-    return (
-        {"scorer": "champion", "model": record.version, **result.metrics},
-        result.rejected,
-        (result.images),
-    )
+    metrics = {"scorer": scorer, "model": record.version, **result.metrics}
+    if scorer != "champion":
+        metrics["zero_label_model"] = zero.version
+        metrics["unlabeled_categories"] = len(merged.unlabeled)
+    return metrics, result.rejected, result.images

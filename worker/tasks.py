@@ -10,11 +10,11 @@ from sqlalchemy.orm import Session
 from shelver.catalog.settings import get_settings
 from shelver.worker import metrics
 from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_TASK, RETRAIN_TASK, app
-from shelver.worker.classify import FusionClassifier, classify_products
+from shelver.worker.classify import classify_products
 from shelver.worker.heartbeat import stop_this_worker, this_worker
 from shelver.worker.metrics_http import mark_this_process_dead
 from shelver.worker.runtime import get_runtime
-from shelver.worker.zero_label import zero_label_classifier
+from shelver.worker.zero_label import serving_classifier
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,9 @@ def classify_batch(self, db: Session, product_ids: list[int]) -> dict[str, int]:
         runtime.refresh()
     champion = runtime.champion()
     metrics.observe_champion(champion.version if champion else None)
-    # Without a champion, a loaded taxonomy still gets suggestions, all for review.
-    classifier = (
-        FusionClassifier(runtime.text_encoder, runtime.image_encoder, champion, runtime.settings)
-        if champion is not None
-        else zero_label_classifier(runtime)
-    )
+    # The champion, merged with the zero-label scorer for the categories it was not
+    # trained on; without a champion, taxonomy suggestions, all for review.
+    classifier = serving_classifier(runtime, champion)
     summary = classify_products(
         db,
         product_ids,

@@ -28,6 +28,7 @@ API:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -43,15 +44,15 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from shelver.catalog.categories import SEPARATOR
-from shelver.worker.classify import Outcome, ScoredBatch
+from shelver.worker.classify import Classifier, FusionClassifier, Outcome, ScoredBatch
 from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.featurize import embed_products
 from shelver.worker.images import ImageSettings
-from shelver.worker.inputs import DEFAULT_TEXT_PACKING, ProductContent
-from shelver.worker.tree import LabelTree, path_parts
+from shelver.worker.inputs import DEFAULT_TEXT_PACKING, ModelInputs, ProductContent
+from shelver.worker.tree import Decision, LabelTree, path_parts
 
 if TYPE_CHECKING:
-    from shelver.worker.runtime import Runtime
+    from shelver.worker.runtime import Champion, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -313,20 +314,111 @@ class ZeroLabelRuntime:
             return self._model
 
 
+class KnownBackoffTree(LabelTree):
+    """A label tree whose answers are only ever auto-accepted on nodes the champion was
+    trained on: an accepted node the champion does not know backs off to its deepest
+    ancestor it does know, or to review."""
+
+    def __init__(self, labels: Sequence[str], known_nodes: set[str]) -> None:
+        super().__init__(labels)
+        self.known_nodes = known_nodes
+
+    def decide(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> Decision:
+        decision = super().decide(node_probs, thresholds)
+        accepted = decision.accepted
+        while accepted is not None and accepted not in self.known_nodes:
+            parts = path_parts(accepted)
+            accepted = SEPARATOR.join(parts[:-1]) if len(parts) > 1 else None
+        return Decision(decision.candidate, accepted, decision.path_probs)
+
+
+def unlabeled_categories(champion_labels: Sequence[str], paths: Sequence[str]) -> list[int]:
+    """Indexes of ``paths`` the champion cannot answer even coarsely: not one of its tree's
+    nodes, and not below one of its labels (a label covers its subtree)."""
+    tree = LabelTree(champion_labels)
+    nodes, labels = set(tree.nodes), set(tree.labels)
+    return [
+        k
+        for k, path in enumerate(paths)
+        if path not in nodes
+        and not any(
+            SEPARATOR.join(path_parts(path)[:d]) in labels for d in range(1, len(path_parts(path)))
+        )
+    ]
+
+
+class MergedModel:
+    """The champion and the zero-label scorer as one model over labeled and unlabeled
+    categories, with the champion's interface (``FusionClassifier`` and
+    ``training.holdout.evaluate_file`` take it as they take a ``FusionModel``).
+
+    The zero-label scorer's calibrated distribution over the catalog's categories says
+    how likely the product is to be in a category the champion never learned (its mass
+    on ``unlabeled_categories``). The champion's probabilities are scaled by the rest, and
+    the unlabeled categories get their zero-label probabilities: one distribution summing
+    to 1. A product that looks like an unlabeled category thus loses the champion's
+    confidence and goes to review, and a category added to the tree is suggested from
+    the next product on; nothing unlabeled is auto-accepted (``KnownBackoffTree``).
+    """
+
+    def __init__(self, champion_model, scorer: ZeroLabelScorer) -> None:  # noqa: ANN001 - FusionModel
+        self.champion_model = champion_model
+        self.scorer = scorer
+        self.unlabeled = unlabeled_categories(champion_model.labels, scorer.paths)
+        self.labels = [*champion_model.labels, *(scorer.paths[k] for k in self.unlabeled)]
+        self.tree = KnownBackoffTree(self.labels, set(champion_model.tree.nodes))
+        self.threshold = champion_model.threshold
+        self.level_thresholds = champion_model.level_thresholds
+        self.text_packing = champion_model.text_packing
+        self.meta = champion_model.meta
+
+    def predict(self, inputs: ModelInputs) -> np.ndarray:
+        trained = self.champion_model.predict(inputs)
+        if not self.unlabeled:
+            return trained
+        similarity = np.asarray(inputs.text_emb, dtype=np.float32) @ self.scorer.vectors.T
+        logits = similarity / CONFIDENCE_TEMPERATURE
+        logits -= logits.max(axis=1, keepdims=True)
+        zero = np.exp(logits)
+        zero /= zero.sum(axis=1, keepdims=True)
+        elsewhere = zero[:, self.unlabeled]
+        return np.hstack([trained * (1.0 - elsewhere.sum(axis=1, keepdims=True)), elsewhere])
+
+
 _runtime: ZeroLabelRuntime | None = None
 _runtime_lock = threading.Lock()
+_merged: dict[tuple[str, str], MergedModel] = {}
 
 
-def zero_label_classifier(runtime: Runtime) -> ZeroLabelClassifier | None:
-    """The classifier a worker without a champion uses: the zero-label scorer of the
-    catalog's categories, or None while the catalog has no category at all."""
+def serving_classifier(runtime: Runtime, champion: Champion | None) -> Classifier | None:
+    """What the worker classifies with, given the champion in service (or None):
+
+    - a champion and categories it was not trained on: the champion merged with the
+      zero-label scorer (``MergedModel``);
+    - a champion covering every category: the champion alone;
+    - no champion: the zero-label scorer of the catalog's categories, all for review;
+    - neither: None (the rows wait for a model).
+    """
     global _runtime
     with _runtime_lock:
         if _runtime is None or _runtime.engine is not runtime.engine:
             _runtime = ZeroLabelRuntime(
                 runtime.engine, runtime.text_encoder, runtime.settings.model_poll_seconds
             )
-    model = _runtime.model()
-    if model is None:
-        return None
-    return ZeroLabelClassifier(runtime.text_encoder, runtime.image_encoder, model, runtime.settings)
+    zero = _runtime.model()
+    if champion is None:
+        if zero is None:
+            return None
+        return ZeroLabelClassifier(
+            runtime.text_encoder, runtime.image_encoder, zero, runtime.settings
+        )
+    if zero is not None:
+        key = (champion.sha256, zero.version)
+        with _runtime_lock:
+            if key not in _merged:
+                _merged.clear()  # only the pair in service is kept
+                _merged[key] = MergedModel(champion.model, zero.scorer)
+            merged = _merged[key]
+        if merged.unlabeled:
+            champion = dataclasses.replace(champion, model=merged)
+    return FusionClassifier(runtime.text_encoder, runtime.image_encoder, champion, runtime.settings)
