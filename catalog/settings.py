@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         0.05, description="Largest per-class F1 drop a promoted candidate may have."
     )
     model_poll_seconds: float = Field(5.0, description="How often workers look for a new champion.")
+    zero_label_merge: bool = Field(
+        False,
+        description="With a champion, also suggest the catalog's categories it was never "
+        "trained on, from their names (docs/cold_start.md); those wait for review. Off: it "
+        "cost known categories accuracy where measured. Without a champion the names are "
+        "always used.",
+    )
     ort_threads: int | None = Field(
         None,
         ge=1,

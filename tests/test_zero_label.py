@@ -148,11 +148,14 @@ def write_labeled(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def shelver_cli(database_url: str, encoder_dir: Path, *args: str) -> subprocess.CompletedProcess:
+def shelver_cli(
+    database_url: str, encoder_dir: Path, *args: str, merge: bool = False
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "SHELVER_DATABASE_URL": database_url,
         "SHELVER_MODEL_DIR": str(encoder_dir),
+        "SHELVER_ZERO_LABEL_MERGE": "1" if merge else "0",
     }
     return subprocess.run(
         [sys.executable, "-m", "shelver.worker", *args],
@@ -208,10 +211,11 @@ def test_with_a_champion_categories_it_never_learned_are_suggested_and_wait_for_
         {"sku": "brush", "name": "Rechargeable electric toothbrush with 3 brushing modes"},
         {"sku": "fridge", "name": "Whirlpool 25 cu. ft. side-by-side refrigerator, stainless"},
     ]
-    settings = Settings(image_roots=[fixture_data], model_poll_seconds=0)
+    settings = Settings(image_roots=[fixture_data], model_poll_seconds=0, zero_label_merge=True)
     runtime = Runtime(engine, settings, *encoders)
     champion = runtime.champion()
     assert champion is not None
+    unmerged = Runtime(engine, settings.model_copy(update={"zero_label_merge": False}), *encoders)
 
     def classify(classifier: object, run: str) -> dict[str, tuple[str, str]]:
         insert_products(engine, [{**p, "sku": f"{p['sku']}-{run}"} for p in products])
@@ -231,6 +235,7 @@ def test_with_a_champion_categories_it_never_learned_are_suggested_and_wait_for_
         FusionClassifier(runtime.text_encoder, runtime.image_encoder, champion, settings), "alone"
     )
     merged = classify(serving_classifier(runtime, champion), "merged")
+    off = classify(serving_classifier(unmerged, champion), "off")
 
     # The champion alone can only name what it learned.
     assert alone["drone"][0] in CATEGORIES and alone["brush"][0] in CATEGORIES
@@ -238,6 +243,8 @@ def test_with_a_champion_categories_it_never_learned_are_suggested_and_wait_for_
     assert merged["brush"] == ("Health & Beauty > Electric Toothbrushes", "needs_review")
     # What the champion knows it still answers as before.
     assert merged["fridge"] == alone["fridge"] == ("Appliances", "classified")
+    # SHELVER_ZERO_LABEL_MERGE off (the default): the champion serves alone.
+    assert off == alone
 
 
 def test_unlabeled_categories_are_those_no_label_covers() -> None:
@@ -272,13 +279,15 @@ def test_evaluate_with_a_champion_scores_it_merged_with_the_unlabeled_categories
             ("Whirlpool 25 cu. ft. side-by-side refrigerator, stainless", "Appliances"),
         ],
     )
-    alone = shelver_cli(database_url, encoder_dir, "evaluate", str(held), "--json")
+    alone = shelver_cli(database_url, encoder_dir, "evaluate", str(held), "--json", merge=True)
     assert alone.returncode == 0, alone.stderr
     assert json.loads(alone.stdout)["scorer"] == "champion"  # no category beyond its labels
 
     with engine.begin() as conn:
         ensure_categories(conn, [*CATEGORIES, "Toys > Drones"])
-    result = shelver_cli(database_url, encoder_dir, "evaluate", str(held), "--json")
+    off = shelver_cli(database_url, encoder_dir, "evaluate", str(held), "--json")
+    assert json.loads(off.stdout)["scorer"] == "champion"  # SHELVER_ZERO_LABEL_MERGE off
+    result = shelver_cli(database_url, encoder_dir, "evaluate", str(held), "--json", merge=True)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     assert figures["scorer"] == "champion+zero_label"

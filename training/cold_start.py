@@ -82,8 +82,9 @@ def evaluate_served(
     engine: Engine, path: Path, settings: Settings
 ) -> tuple[dict[str, Any], ImportReport, ImageUsage | None]:
     """Score on ``path`` what the worker would serve now (``zero_label.serving_classifier``):
-    the champion, merged with the zero-label scorer when the catalog has categories it was
-    not trained on (``scorer``: ``champion+zero_label``, else ``champion``), or without a
+    the champion, merged with the zero-label scorer when ``SHELVER_ZERO_LABEL_MERGE`` is on
+    and the catalog has categories it was not trained on (``scorer``:
+    ``champion+zero_label``, else ``champion``), or without a
     champion the zero-label scorer alone (``zero_label``)."""
     from shelver.training.holdout import champion_model, evaluate_file
 
@@ -94,9 +95,10 @@ def evaluate_served(
         return metrics, rejected, None
     record, model = champion_model(engine)
     scorer = "champion"
-    zero = ensure_zero_label_model(engine, load_encoders(settings.model_dir)[0])
-    if zero is not None:
-        merged = MergedModel(model, zero.scorer)
+    text_encoder, _ = load_encoders(settings.model_dir)
+    zero = ensure_zero_label_model(engine, text_encoder)
+    if zero is not None and settings.zero_label_merge:
+        merged = MergedModel(model, zero.scorer, text_encoder)
         if merged.unlabeled:
             model, scorer = merged, "champion+zero_label"
     result = evaluate_file(model, path, settings)

@@ -352,19 +352,33 @@ class MergedModel:
     categories, with the champion's interface (``FusionClassifier`` and
     ``training.holdout.evaluate_file`` take it as they take a ``FusionModel``).
 
-    The zero-label scorer's calibrated distribution over the catalog's categories says
-    how likely the product is to be in a category the champion never learned (its mass
-    on ``unlabeled_categories``). The champion's probabilities are scaled by the rest, and
-    the unlabeled categories get their zero-label probabilities: one distribution summing
-    to 1. A product that looks like an unlabeled category thus loses the champion's
-    confidence and goes to review, and a category added to the tree is suggested from
-    the next product on; nothing unlabeled is auto-accepted (``KnownBackoffTree``).
+    How likely the product is to be in a category the champion never learned is the
+    zero-label scorer's two-way choice between the closest unlabeled category and the
+    closest one the champion covers, at the calibrated temperature. The champion's
+    probabilities are scaled by the rest, and that mass is shared among the unlabeled
+    categories by their zero-label softmax: one distribution summing to 1. A product that
+    looks like an unlabeled category thus loses the champion's confidence and goes to
+    review, and a category added to the tree is suggested from the next product on;
+    nothing unlabeled is auto-accepted (``KnownBackoffTree``).
     """
 
-    def __init__(self, champion_model, scorer: ZeroLabelScorer) -> None:  # noqa: ANN001 - FusionModel
+    def __init__(
+        self,
+        champion_model,  # noqa: ANN001 - a FusionModel; not imported to keep this module light
+        scorer: ZeroLabelScorer,
+        text_encoder: TextEncoder,
+    ) -> None:
         self.champion_model = champion_model
         self.scorer = scorer
         self.unlabeled = unlabeled_categories(champion_model.labels, scorer.paths)
+        unlabeled = set(self.unlabeled)
+        # What the champion covers: the catalog's categories it answers, and its own tree's
+        # nodes (a bundled champion's labels need not be catalog categories yet).
+        covered = scorer.vectors[[k for k in range(len(scorer.paths)) if k not in unlabeled]]
+        missing = sorted(set(champion_model.tree.nodes) - set(scorer.paths))
+        if missing:
+            covered = np.vstack([covered, category_vectors(missing, text_encoder)])
+        self._covered_vectors = covered
         self.labels = [*champion_model.labels, *(scorer.paths[k] for k in self.unlabeled)]
         self.tree = KnownBackoffTree(self.labels, set(champion_model.tree.nodes))
         self.threshold = champion_model.threshold
@@ -376,13 +390,19 @@ class MergedModel:
         trained = self.champion_model.predict(inputs)
         if not self.unlabeled:
             return trained
-        similarity = np.asarray(inputs.text_emb, dtype=np.float32) @ self.scorer.vectors.T
-        logits = similarity / CONFIDENCE_TEMPERATURE
-        logits -= logits.max(axis=1, keepdims=True)
-        zero = np.exp(logits)
-        zero /= zero.sum(axis=1, keepdims=True)
-        elsewhere = zero[:, self.unlabeled]
-        return np.hstack([trained * (1.0 - elsewhere.sum(axis=1, keepdims=True)), elsewhere])
+        text = np.asarray(inputs.text_emb, dtype=np.float32)
+        elsewhere = (text @ self.scorer.vectors[self.unlabeled].T) / CONFIDENCE_TEMPERATURE
+        # The best unlabeled category against the best covered one, not all of them
+        # against all: a taxonomy of thousands of nodes beside a champion of a dozen
+        # labels would otherwise win on numbers alone.
+        best_elsewhere = elsewhere.max(axis=1)
+        best_covered = (text @ self._covered_vectors.T).max(axis=1) / CONFIDENCE_TEMPERATURE
+        unlabeled_mass = 1.0 / (1.0 + np.exp(best_covered - best_elsewhere))
+        within = np.exp(elsewhere - best_elsewhere[:, None])
+        within /= within.sum(axis=1, keepdims=True)
+        return np.hstack(
+            [trained * (1.0 - unlabeled_mass)[:, None], within * unlabeled_mass[:, None]]
+        )
 
 
 _runtime: ZeroLabelRuntime | None = None
@@ -393,9 +413,9 @@ _merged: dict[tuple[str, str], MergedModel] = {}
 def serving_classifier(runtime: Runtime, champion: Champion | None) -> Classifier | None:
     """What the worker classifies with, given the champion in service (or None):
 
-    - a champion and categories it was not trained on: the champion merged with the
-      zero-label scorer (``MergedModel``);
-    - a champion covering every category: the champion alone;
+    - a champion, categories it was not trained on and ``SHELVER_ZERO_LABEL_MERGE``: the
+      champion merged with the zero-label scorer (``MergedModel``);
+    - otherwise a champion: the champion alone;
     - no champion: the zero-label scorer of the catalog's categories, all for review;
     - neither: None (the rows wait for a model).
     """
@@ -412,12 +432,12 @@ def serving_classifier(runtime: Runtime, champion: Champion | None) -> Classifie
         return ZeroLabelClassifier(
             runtime.text_encoder, runtime.image_encoder, zero, runtime.settings
         )
-    if zero is not None:
+    if zero is not None and runtime.settings.zero_label_merge:
         key = (champion.sha256, zero.version)
         with _runtime_lock:
             if key not in _merged:
                 _merged.clear()  # only the pair in service is kept
-                _merged[key] = MergedModel(champion.model, zero.scorer)
+                _merged[key] = MergedModel(champion.model, zero.scorer, runtime.text_encoder)
             merged = _merged[key]
         if merged.unlabeled:
             champion = dataclasses.replace(champion, model=merged)
