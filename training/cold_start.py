@@ -91,19 +91,20 @@ def evaluate_served(
     with engine.connect() as conn:
         has_champion = registry.champion(conn) is not None
     if not has_champion:
-        metrics, rejected = evaluate_zero_label_file(engine, path, settings)
-        return metrics, rejected, None
+        figures, rejected = evaluate_zero_label_file(engine, path, settings)
+        return figures, rejected, None
     record, model = champion_model(engine)
-    scorer = "champion"
-    text_encoder, _ = load_encoders(settings.model_dir)
-    zero = ensure_zero_label_model(engine, text_encoder)
-    if zero is not None and settings.zero_label_merge:
-        merged = MergedModel(model, zero.scorer, text_encoder)
-        if merged.unlabeled:
-            model, scorer = merged, "champion+zero_label"
+    metrics: dict[str, Any] = {"scorer": "champion", "model": record.version}
+    if settings.zero_label_merge:
+        text_encoder, _ = load_encoders(settings.model_dir)
+        zero = ensure_zero_label_model(engine, text_encoder)
+        merged = MergedModel(model, zero.scorer, text_encoder) if zero is not None else None
+        if merged is not None and merged.unlabeled:
+            model = merged
+            metrics.update(
+                scorer="champion+zero_label",
+                zero_label_model=zero.version,
+                unlabeled_categories=len(merged.unlabeled),
+            )
     result = evaluate_file(model, path, settings)
-    metrics = {"scorer": scorer, "model": record.version, **result.metrics}
-    if scorer != "champion":
-        metrics["zero_label_model"] = zero.version
-        metrics["unlabeled_categories"] = len(merged.unlabeled)
-    return metrics, result.rejected, result.images
+    return {**metrics, **result.metrics}, result.rejected, result.images

@@ -420,6 +420,12 @@ def serving_classifier(runtime: Runtime, champion: Champion | None) -> Classifie
     - neither: None (the rows wait for a model).
     """
     global _runtime
+    if champion is not None and not runtime.settings.zero_label_merge:
+        # The taxonomy's vectors are not even looked up: encoding thousands of category
+        # names is a minute and a half of a worker's time.
+        return FusionClassifier(
+            runtime.text_encoder, runtime.image_encoder, champion, runtime.settings
+        )
     with _runtime_lock:
         if _runtime is None or _runtime.engine is not runtime.engine:
             _runtime = ZeroLabelRuntime(
@@ -432,7 +438,7 @@ def serving_classifier(runtime: Runtime, champion: Champion | None) -> Classifie
         return ZeroLabelClassifier(
             runtime.text_encoder, runtime.image_encoder, zero, runtime.settings
         )
-    if zero is not None and runtime.settings.zero_label_merge:
+    if zero is not None:
         key = (champion.sha256, zero.version)
         with _runtime_lock:
             if key not in _merged:
