@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +297,61 @@ def test_evaluate_with_a_champion_scores_it_merged_with_the_unlabeled_categories
     assert figures["unlabeled_categories"] == 2  # Toys, Toys > Drones
     assert figures["hierarchical"]["path_accuracy"] == 1.0
     assert json.loads(alone.stdout)["hierarchical"]["path_accuracy"] == 0.5
+
+
+def test_a_worker_without_a_champion_sends_taxonomy_suggestions_to_review(
+    engine: Engine, database_url: str, broker_url: str, encoder_dir: Path, tmp_path: Path
+) -> None:
+    import_taxonomy(engine, GOOGLE_HEAD)
+    env = {
+        **os.environ,
+        "SHELVER_DATABASE_URL": database_url,
+        "SHELVER_BROKER_URL": broker_url,
+        "SHELVER_MODEL_DIR": str(encoder_dir),
+        "SHELVER_MODEL_POLL_SECONDS": "1",
+        "SHELVER_POLL_SECONDS": "1",
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "shelver.worker", *args],
+            env=env,
+            stdout=(tmp_path / f"{args[0]}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for args in (["dispatch"], ["worker", "-Q", "classify", "-c", "1"])
+    ]
+    try:
+        insert_products(
+            engine,
+            [
+                {"sku": "toy", "name": "Squeaky rubber chew toy for dogs"},
+                {"sku": "litter", "name": "Clumping clay cat litter, 20 lb"},
+            ],
+        )
+        deadline = time.monotonic() + 180
+        while scalar(engine, "SELECT count(*) FROM products WHERE status = 'pending'"):
+            logs = "".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log"))
+            assert time.monotonic() < deadline, f"products still pending\n{logs}"
+            time.sleep(0.5)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT p.sku, p.status, c.path, m.status FROM products p "
+                "JOIN categories c ON c.id = p.predicted_id "
+                "JOIN model_versions m ON m.id = p.model_version_id ORDER BY p.sku"
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("litter", "needs_review", CAT_LITTER, "zero_label"),
+        ("toy", "needs_review", DOG_TOYS, "zero_label"),
+    ]
