@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, text
+from alembic import command
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from support import (
     CATEGORIES,
@@ -26,8 +28,10 @@ from support import (
 )
 
 from shelver.catalog.categories import ensure_categories
+from shelver.catalog.embedded import create_database
+from shelver.catalog.migrate import alembic_config, upgrade
 from shelver.catalog.queue import claim_batch
-from shelver.catalog.settings import Settings
+from shelver.catalog.settings import Settings, sqlalchemy_url
 from shelver.catalog.taxonomy import import_taxonomy
 from shelver.worker.classify import FusionClassifier, classify_products
 from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
@@ -355,3 +359,43 @@ def test_a_worker_without_a_champion_sends_taxonomy_suggestions_to_review(
         ("litter", "needs_review", CAT_LITTER, "zero_label"),
         ("toy", "needs_review", DOG_TOYS, "zero_label"),
     ]
+
+
+def test_migration_0006_down_removes_zero_label_scorers_and_what_they_predicted(
+    services: tuple[str, str], encoders: tuple[TextEncoder, ImageEncoder]
+) -> None:
+    server, _, name = services[0].rpartition("/")
+    url = create_database(f"{server}/postgres", f"{name}_zero_label_migration", recreate=True)
+    upgrade(url)
+    engine = create_engine(sqlalchemy_url(url), future=True)
+    try:
+        import_taxonomy(engine, GOOGLE_HEAD)
+        model = ensure_zero_label_model(engine, encoders[0])
+        assert model is not None
+        insert_products(engine, [{"sku": "toy", "name": "Squeaky chew toy"}])
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO predictions (product_id, model_version_id, content_hash, "
+                    "predicted_id, confidence, top_k) SELECT id, :m, content_hash, "
+                    "(SELECT min(id) FROM categories), 0.5, '[]' FROM products"
+                ),
+                {"m": model.model_version_id},
+            )
+            conn.execute(
+                text("UPDATE products SET model_version_id = :m"), {"m": model.model_version_id}
+            )
+
+        command.downgrade(alembic_config(url), "0005")
+        assert scalar(engine, "SELECT count(*) FROM model_versions") == 0
+        assert scalar(engine, "SELECT count(*) FROM predictions") == 0
+        assert scalar(engine, "SELECT count(model_version_id) FROM products") == 0
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO model_versions (version, status, artifact, sha256, labels, "
+                    "encoders, threshold) VALUES ('z', 'zero_label', '', '', '[]', '{}', 1)"
+                )
+            )
+    finally:
+        engine.dispose()
