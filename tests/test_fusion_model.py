@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from shelver.training.dataset import TrainingData
-from shelver.training.evaluate import choose_threshold, evaluate
+from shelver.training.evaluate import choose_level_thresholds, choose_threshold, evaluate
 from shelver.training.export import check_parity, to_onnx
 from shelver.training.fit import (
     LinearModel,
     TrainParams,
     choose_linear_weight,
+    class_weights,
     fit_linear,
     fit_model,
     lexical_matrix,
@@ -423,3 +424,99 @@ def test_class_balanced_threshold_does_not_let_a_big_easy_class_hide_rare_mistak
     # Weighted by class, the wrong "b" costs half of all "b" weight: stop above it.
     balanced = choose_threshold(y, probs, labels, target_precision=0.9, class_balanced=True)
     assert balanced == pytest.approx(0.9)
+
+
+# --- labels at any depth ------------------------------------------------------------------------
+
+PATHS = {
+    "Cameras": ["Cameras > Mirrorless", "Cameras"],
+    "Phones": ["Phones > Unlocked", "Phones > Prepaid"],
+    "Washers": ["Washers"],
+}
+
+
+def with_paths(data: TrainingData) -> TrainingData:
+    """The synthetic rows with paths of mixed depth under their top-level label."""
+    paths = [PATHS[label][i % len(PATHS[label])] for i, label in enumerate(data.labels)]
+    return dataclasses.replace(data, paths=paths)
+
+
+def test_factored_linear_model_keeps_its_probabilities_and_its_graph():
+    data = synthetic(n=90)
+    vocab = fit_vocabulary(data.inputs.texts, LexicalParams(min_df=1))
+    features = lexical_matrix(vocab, data.inputs.texts)
+    y = np.array([LABELS.index(label) for label in data.labels])
+    whole, _ = fit_linear(features, y, num_classes=3, c=10.0)
+    # Centred over the classes, 3 classes' weights have rank 2: factoring loses nothing.
+    factored, _ = fit_linear(features, y, num_classes=3, c=10.0, rank=2)
+    assert factored.coef.shape == (vocab.size, 2) and factored.proj.shape == (2, 3)
+    np.testing.assert_allclose(
+        factored.predict_proba(features), whole.predict_proba(features), atol=1e-5
+    )
+    mlp = build_model(ModelShape(num_classes=3, image_dim=IMAGE_DIM))
+    mixed = build_ensemble(mlp, factored.coef, factored.bias, 0.7, factored.proj)
+    feeds = fusion_inputs(vocab, data.inputs)
+    expected = 0.7 * factored.predict_proba(features) + 0.3 * np.asarray(
+        mlp.predict({k: feeds[k] for k in ("text_emb", "image_emb", "image_present")}, verbose=0)
+    )
+    np.testing.assert_allclose(mixed.predict(feeds, verbose=0), expected, atol=1e-5)
+    assert check_parity(to_onnx(mixed), mixed, feeds) <= 1e-4
+
+
+def test_training_on_paths_scores_the_tree_and_keeps_top_level_figures(tmp_path):
+    data = with_paths(synthetic())
+    params = TrainParams(
+        epochs=2,
+        batch_size=32,
+        linear_rank=4,  # below the 5 labels: the factored linear part is what serves
+        lexical=dataclasses.replace(TrainParams().lexical, max_terms=2000),
+        target_precision=0.6,
+    )
+    result = train(data, params, tmp_path)
+    assert result.labels == sorted({p for ps in PATHS.values() for p in ps})
+    model = FusionModel.from_artifact(result.artifact, result.sha256)
+    assert model.tree.root_names == LABELS
+    assert model.level_thresholds[0] == result.threshold and len(model.level_thresholds) == 2
+    test = result.metrics["test"]
+    # The flat keys keep their meaning: the top level.
+    assert test["labels"] == LABELS and test["macro_f1"] > 0.9
+    assert set(test["levels"]) == {"1", "2"} and 0 < test["hierarchical"]["f1"] <= 1
+    assert set(test["backoff"]["levels"]) == {"1", "2"}
+    assert result.metrics["baseline"]["macro_f1"] > 0.9
+
+
+def test_per_level_thresholds_on_a_flat_tree_are_the_flat_threshold():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(3) * 0.5, size=300)
+    y = [LABELS[k] for k in rng.integers(0, 3, size=300)]
+    for balanced in (False, True):
+        flat = choose_threshold(y, probs, LABELS, 0.5, class_balanced=balanced)
+        assert choose_level_thresholds(y, probs, LABELS, 0.5, class_balanced=balanced) == [flat]
+
+
+def test_per_level_thresholds_judge_each_level_on_rows_whose_truth_reaches_it():
+    labels = ["A", "A > x", "A > y", "B"]
+    # Rows 0-2 truly under A at depth 2, row 3 labeled A only (says nothing about level 2).
+    truth = ["A > x", "A > x", "A > y", "A"]
+    probs = np.array(
+        [
+            [0.0, 0.9, 0.1, 0.0],  # A 1.0, A > x 0.9: right at both levels
+            [0.0, 0.6, 0.3, 0.1],  # A 0.9, A > x 0.6: right
+            [0.0, 0.55, 0.4, 0.05],  # A 0.95, A > x 0.55: wrong at level 2
+            [0.1, 0.5, 0.3, 0.1],  # A 0.9, A > x 0.5: no truth at level 2
+        ]
+    )
+    level1, level2 = choose_level_thresholds(truth, probs, labels, target_precision=0.97)
+    assert level1 == pytest.approx(0.9)  # every root is right
+    assert level2 == pytest.approx(0.6)  # the wrong 0.55 must stay out; row 3 is not counted
+
+
+def test_paths_weigh_as_their_top_level_category_does():
+    # Labels A, A > x, B: rows 4 x A-ish (A and A > x), 2 x B.
+    y = np.array([0, 0, 1, 1, 2, 2])
+    roots = np.array([0, 0, 1])
+    weights = class_weights(y, 3, "balanced", roots)
+    # Balanced between the two roots, each path at its root's weight: a rare path is
+    # not worth a whole category.
+    assert weights == {0: pytest.approx(0.75), 1: pytest.approx(0.75), 2: pytest.approx(1.5)}
+    assert class_weights(y, 3, "balanced") == {k: pytest.approx(1.0) for k in range(3)}

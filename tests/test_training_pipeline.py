@@ -102,11 +102,14 @@ def test_train_report_gate_rollback_and_evaluate(
     }
     metrics = json.loads((report / "metrics.json").read_text())
     assert {"accuracy", "macro_f1", "per_class", "ece", "coverage"} <= set(metrics["test"])
-    # Flipkart's paths are 2 or 3 levels deep; the flat model answers the top level only.
+    # Flipkart's paths are 2 or 3 levels deep; the model is trained on them and its
+    # leaf candidates answer below the top level; the flat figures are the top level's.
     assert set(metrics["test"]["levels"]) == {"1", "2", "3"}
     assert metrics["test"]["levels"]["1"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
-    assert metrics["test"]["levels"]["2"]["coverage"] == 0.0
-    assert 0.0 < metrics["test"]["hierarchical"]["recall"] < metrics["test"]["accuracy"]
+    assert metrics["test"]["levels"]["2"]["coverage"] > 0.5
+    assert 0.0 < metrics["test"]["hierarchical"]["f1"] <= 1.0
+    assert metrics["test"]["labels"] == sorted(by_class)
+    assert set(metrics["test"]["backoff"]["levels"]) <= {"1", "2", "3"}
     assert "macro_f1" in metrics["baseline"]
 
     # v2: all 40 labels per category; better on its own test rows, so promoted.
@@ -157,16 +160,15 @@ def test_train_report_gate_rollback_and_evaluate(
     assert scores["unknown_categories"] == {"Garden": 2}
     assert scores["per_class"]["Garden"]["recall"] == 0.0
     assert 0.0 < scores["accuracy"] <= (len(held_out) - 2) / len(held_out)
-    # Whole paths against the flat model's top-level answers: exact at level 1, nothing below.
+    # Whole paths against the model's leaf candidates: level 1 is the flat figures, and the
+    # model, trained on paths, answers below it.
     assert scores["levels"]["1"]["accuracy"] == pytest.approx(scores["accuracy"])
     assert scores["levels"]["1"]["macro_f1"] == pytest.approx(scores["macro_f1"])
     assert scores["levels"]["2"]["n"] == len(held_out) - 1
-    assert scores["levels"]["2"]["coverage"] == 0.0
+    assert scores["levels"]["2"]["coverage"] > 0.5
     hierarchical = scores["hierarchical"]
-    assert hierarchical["precision"] == pytest.approx(scores["accuracy"])
-    assert 0.0 < hierarchical["recall"] < hierarchical["precision"]
-    # Every true path but one ("Garden", never predicted) lies below the model's answer.
-    assert hierarchical["path_accuracy"] == 0.0
+    # The answers go below the top level, so they are not the flat figures any more.
+    assert 0.0 < hierarchical["f1"] <= 1.0 and hierarchical["recall"] > 0.0
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM products")).scalar_one() == products_before
 

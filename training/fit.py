@@ -17,6 +17,12 @@ The model is an ensemble: a logistic regression over the TF-IDF bag (convex, fit
 with scikit-learn, carried as plain weights inside the graph) mixed with the neural
 fusion model, 0.8 : 0.2 by default. See docs/training.md for why.
 
+Labels may be category paths of any depth (``TrainingData.paths``). The model then
+scores the tree (``worker.tree``): the flat recipe on the top level gives each root its
+probability, the same recipe on every labeled path shares it among the paths, and
+validation picks one auto-accept threshold per level (docs/training.md, "Labels at
+any depth").
+
 ``TrainingData`` (training/dataset.py) holds ``worker.inputs.ModelInputs``: the packed
 product texts, the same strings the text embeddings were computed from, which the
 lexical branch reads too, and the product names, which feed its name block. The
@@ -38,14 +44,18 @@ import numpy as np
 
 from shelver.training.baseline import fit_baseline
 from shelver.training.dataset import TrainingData
-from shelver.training.evaluate import choose_threshold, evaluate
+from shelver.training.evaluate import backoff_metrics, choose_level_thresholds, evaluate
 from shelver.training.export import export_artifact
 from shelver.training.hierarchy import hierarchical_metrics
 from shelver.training.splits import Split, stratified_split
 from shelver.worker.fusion import FusionModel, fusion_inputs
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
+from shelver.worker.tree import path_parts
 
 log = logging.getLogger(__name__)
+
+# Below this a root's share is taken as 0 (a root the path model gives no mass).
+TREE_EPSILON = 1e-12
 
 
 @dataclass
@@ -78,6 +88,10 @@ class TrainParams:
     # hundred rows picked badly (0.5-1.0 from seed to seed), while a share of 0.8 was
     # at or near the best on test for every dataset and seed (docs/training.md).
     linear_weights: tuple[float, ...] = (0.8,)
+    # Above this many classes the linear part's (vocabulary x classes) weights are
+    # factored to this rank: the artifact then grows with the vocabulary only
+    # (docs/training.md, "Labels at any depth"). None keeps them whole.
+    linear_rank: int | None = 64
     modality_dropout: float = 0.3
     label_smoothing: float = 0.0
     # "balanced" (n / (K * count)), "sqrt" (its square root: softer on 300:1 imbalance)
@@ -127,17 +141,25 @@ class FittedModel:
     # ``refit_linear`` can refit the latter on more rows (None without a linear part).
     network: object = None
     linear_estimator: object = None
+    linear_rank: int | None = None
+    # A tree model's two fits (``fit_model``): the top level's and the paths'.
+    parts: tuple[FittedModel, FittedModel] | None = None
 
 
 @dataclass
 class LinearModel:
     """Softmax regression over the lexical bag as plain arrays (ids index ``coef``)."""
 
-    coef: np.ndarray  # (vocabulary size, K) float32; row 0 (padding) is zero
+    coef: np.ndarray  # (vocabulary size, K) float32, or (vocabulary size, r) with ``proj``
     bias: np.ndarray  # (K,) float32
+    # (r, K): the weights are ``coef @ proj`` (``factor``), None when kept whole.
+    proj: np.ndarray | None = None
 
     def predict_proba(self, features) -> np.ndarray:
-        logits = np.asarray(features @ self.coef) + self.bias
+        logits = np.asarray(features @ self.coef)
+        if self.proj is not None:
+            logits = logits @ self.proj
+        logits = logits + self.bias
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
@@ -156,17 +178,45 @@ def lexical_matrix(vocabulary: LexicalVocabulary, texts: list[str], names: list[
     )
 
 
-def fit_linear(features, y: np.ndarray, num_classes: int, c: float, estimator=None):
+def factor(coef: np.ndarray, rank: int, features) -> tuple[np.ndarray, np.ndarray]:
+    """``coef`` (V, K) as (V, rank) @ (rank, K), keeping the logits of ``features``.
+
+    Each term's weights are first centred over the classes (adding one number to every
+    class's logit changes no softmax). The projection spans the ``rank`` directions of
+    class space in which the training rows' logits vary most, so what the factored
+    model loses is what these rows least use, not what is smallest in the weights.
+    """
+    centred = coef - coef.mean(axis=1, keepdims=True)
+    logits = np.asarray(features @ centred)
+    _, _, vt = np.linalg.svd(logits - logits.mean(axis=0), full_matrices=False)
+    proj = vt[:rank].astype(np.float32)
+    return (centred @ proj.T).astype(np.float32), proj
+
+
+def fit_linear(
+    features,
+    y: np.ndarray,
+    num_classes: int,
+    c: float,
+    estimator=None,
+    rank: int | None = None,
+    class_weight: dict[int, float] | str = "balanced",
+):
     """Balanced multinomial logistic regression, as the baseline (C, class weights).
 
     Pass the ``estimator`` of an earlier call to start from its solution (a refit on
-    more rows then converges in a fraction of the iterations). Returns the arrays and
-    the estimator.
+    more rows then converges in a fraction of the iterations). With ``rank`` below the
+    number of classes the weights are factored (``factor``) so the artifact does not
+    grow with vocabulary x classes. Returns the arrays and the estimator.
     """
     from sklearn.linear_model import LogisticRegression
 
+    if estimator is not None and set(np.unique(y)) != set(estimator.classes_):
+        # A warm start needs the same classes; with paths as labels, a rare path may
+        # first appear in the validation or test rows.
+        estimator = None
     if estimator is None:
-        estimator = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+        estimator = LogisticRegression(C=c, max_iter=3000, class_weight=class_weight)
     else:
         estimator.set_params(warm_start=True)
     estimator.fit(features, y)
@@ -182,6 +232,9 @@ def fit_linear(features, y: np.ndarray, num_classes: int, c: float, estimator=No
     full_bias = np.full(num_classes, float(bias.min()) - 30.0, dtype=np.float32)
     full_coef[:, classes] = coef.T
     full_bias[classes] = bias
+    if rank is not None and rank < num_classes:
+        table, proj = factor(full_coef, rank, features)
+        return LinearModel(coef=table, bias=full_bias, proj=proj), estimator
     return LinearModel(coef=full_coef, bias=full_bias), estimator
 
 
@@ -199,16 +252,30 @@ def choose_linear_weight(
     return max(weights, key=lambda w: (macro_f1(w), w))
 
 
-def class_weights(y: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+def class_weights(
+    y: np.ndarray,
+    num_classes: int,
+    mode: str,
+    roots: np.ndarray | None = None,
+    only_present: bool = False,
+) -> dict[int, float] | None:
+    """Weights per class. With ``roots`` (each class's top-level index) the balance is
+    between top-level categories: every path under a root weighs as its root does, so
+    a path seen once is not worth a whole category, and the top level is balanced as
+    in a flat model."""
     if mode == "none":
         return None
-    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    w = len(y) / (num_classes * np.maximum(counts, 1.0))
+    if roots is None:
+        roots = np.arange(num_classes)
+    counts = np.bincount(roots[y], minlength=int(roots.max()) + 1).astype(np.float64)
+    # As scikit-learn's "balanced": over the categories present in ``y``.
+    present = int((counts > 0).sum())
+    w = (len(y) / (present * np.maximum(counts, 1.0)))[roots]
     if mode == "sqrt":
         w = np.sqrt(w)
     elif mode != "balanced":
         raise ValueError(f"class_weight must be balanced, sqrt or none, not {mode!r}")
-    return {k: float(v) for k, v in enumerate(w)}
+    return {int(k): float(w[k]) for k in (np.unique(y) if only_present else range(num_classes))}
 
 
 def _seed_everything(seed: int) -> None:
@@ -219,6 +286,62 @@ def _seed_everything(seed: int) -> None:
 
 
 def fit_model(
+    data: TrainingData,
+    split: Split,
+    params: TrainParams,
+    on_epoch: Callable[[int, int], None] | None = None,
+) -> FittedModel:
+    """The model of ``params`` on ``data``'s labels, or on its paths when they go deeper
+    than the top level.
+
+    On paths it is two fits of the same recipe joined into one model: today's flat
+    model on the top-level categories gives each root its probability, and the same
+    recipe on every labeled path gives how a root's probability divides among the
+    paths under it (``training.model.build_tree_model``). The tree's top level is then
+    exactly the flat model's, and the paths only add depth.
+    """
+    if data.paths is None or all(len(path_parts(p)) == 1 for p in data.paths):
+        return _fit_one(data, split, params, on_epoch)
+    top = _fit_one(
+        dataclasses.replace(data, paths=None, labels=top_levels(data)), split, params, on_epoch
+    )
+    paths = _fit_one(data, split, params, on_epoch)
+    return join_tree(top, paths)
+
+
+def join_tree(top: FittedModel, paths: FittedModel) -> FittedModel:
+    """One model: ``top``'s root probabilities shared among the paths as ``paths`` shares them."""
+    from shelver.training.model import build_tree_model
+
+    membership = root_membership(paths.labels, top.labels)
+    model = build_tree_model(top.model, paths.model, membership)
+    return FittedModel(
+        model=model,
+        labels=paths.labels,
+        vocabulary=top.vocabulary,
+        history=paths.history,
+        seconds=top.seconds + paths.seconds,
+        val_probs=tree_probs(top.val_probs, paths.val_probs, membership),
+        linear_weight=paths.linear_weight,
+        parts=(top, paths),
+    )
+
+
+def root_membership(labels: list[str], roots: list[str]) -> np.ndarray:
+    """(K, R) float32: 1 where label k lies under root r."""
+    out = np.zeros((len(labels), len(roots)), dtype=np.float32)
+    for k, label in enumerate(labels):
+        out[k, roots.index(path_parts(label)[0])] = 1.0
+    return out
+
+
+def tree_probs(top: np.ndarray, paths: np.ndarray, membership: np.ndarray) -> np.ndarray:
+    """``build_tree_model``'s arithmetic in numpy (for validation probabilities)."""
+    share = top / np.maximum(paths @ membership, TREE_EPSILON)
+    return paths * (share @ membership.T)
+
+
+def _fit_one(
     data: TrainingData,
     split: Split,
     params: TrainParams,
@@ -239,9 +362,11 @@ def fit_model(
 
     started = time.perf_counter()
     _seed_everything(params.seed)
-    labels = sorted(set(data.labels))
+    targets = model_labels(data)
+    labels = sorted(set(targets))
     index = {label: k for k, label in enumerate(labels)}
-    y = np.array([index[label] for label in data.labels], dtype=np.int64)
+    roots = root_index(labels)
+    y = np.array([index[label] for label in targets], dtype=np.int64)
     train, val = data.subset(split.train), data.subset(split.val)
 
     # The vocabulary is fitted on train + validation texts (no labels), like the
@@ -281,7 +406,7 @@ def fit_model(
         validation_data=(val_feeds, one_hot[y[split.val]]),
         epochs=params.epochs,
         batch_size=params.large_batch_size if large else params.batch_size,
-        class_weight=class_weights(y[split.train], len(labels), params.class_weight),
+        class_weight=class_weights(y[split.train], len(labels), params.class_weight, roots),
         callbacks=[
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=params.patience, restore_best_weights=True
@@ -316,23 +441,30 @@ def fit_model(
             lexical_matrix(vocabulary, train.inputs.texts, train.inputs.names),
             lexical_matrix(vocabulary, val.inputs.texts, val.inputs.names),
         )
-        linear, estimator = fit_linear(x_train, y[split.train], len(labels), params.linear_c)
+        linear, estimator = fit_linear(
+            x_train, y[split.train], len(labels), params.linear_c, rank=params.linear_rank,
+            class_weight=class_weights(y[split.train], len(labels), "balanced", roots, True),
+        )  # fmt: skip
         linear_val = linear.predict_proba(x_val)
         weight = choose_linear_weight(y[split.val], linear_val, val_probs, params.linear_weights)
         val_probs = weight * linear_val + (1 - weight) * val_probs
+        y_rest = np.concatenate([y[split.train], y[split.val]])
         linear, estimator = fit_linear(
             lexical_matrix(vocabulary, rest.inputs.texts, rest.inputs.names),
-            np.concatenate([y[split.train], y[split.val]]),
+            y_rest,
             len(labels),
             params.linear_c,
             estimator,
+            rank=params.linear_rank,
+            class_weight=class_weights(y_rest, len(labels), "balanced", roots, True),
         )
-        network, model = model, build_ensemble(model, linear.coef, linear.bias, weight)
+        network, model = model, build_ensemble(model, linear.coef, linear.bias, weight, linear.proj)
         log.info("linear model share %.2f", weight)
         seconds = time.perf_counter() - started
         return FittedModel(
-            model, labels, vocabulary, hist, seconds, val_probs, weight, network, estimator
-        )
+            model, labels, vocabulary, hist, seconds, val_probs, weight, network, estimator,
+            params.linear_rank,
+        )  # fmt: skip
     seconds = time.perf_counter() - started
     if not neural_lexical:
         vocabulary = None  # nothing in the graph reads the bag
@@ -352,27 +484,63 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
     """
     from shelver.training.model import build_ensemble
 
+    if fitted.parts is not None:
+        top, paths = fitted.parts
+        flat = dataclasses.replace(data, paths=None, labels=top_levels(data))
+        return join_tree(refit_linear(top, flat), refit_linear(paths, data))
     if fitted.linear_estimator is None or fitted.vocabulary is None:
         raise ValueError("this model has no linear part to refit")
     index = {label: k for k, label in enumerate(fitted.labels)}
-    y = np.array([index[label] for label in data.labels], dtype=np.int64)
+    y = np.array([index[label] for label in model_labels(data)], dtype=np.int64)
     vocabulary, warm = fitted.vocabulary, fitted.linear_estimator
     if "lex_ids" not in {t.name for t in fitted.network.inputs}:
         vocabulary = fit_vocabulary(data.inputs.texts, vocabulary.params, data.inputs.names)
         warm = None  # other columns: nothing to start from
-    elif set(np.unique(y)) != set(warm.classes_):
-        warm = None  # a warm start needs the same classes
     linear, estimator = fit_linear(
         lexical_matrix(vocabulary, data.inputs.texts, data.inputs.names),
         y,
         len(fitted.labels),
         float(fitted.linear_estimator.C),
         warm,
+        rank=fitted.linear_rank,
+        class_weight=class_weights(
+            y, len(fitted.labels), "balanced", root_index(fitted.labels), True
+        ),
     )
-    model = build_ensemble(fitted.network, linear.coef, linear.bias, fitted.linear_weight)
+    model = build_ensemble(
+        fitted.network, linear.coef, linear.bias, fitted.linear_weight, linear.proj
+    )
     return dataclasses.replace(
         fitted, model=model, vocabulary=vocabulary, linear_estimator=estimator
     )
+
+
+def root_index(labels: list[str]) -> np.ndarray:
+    """For each label (a path), the index of its top-level category among the roots."""
+    roots = sorted({path_parts(label)[0] for label in labels})
+    return np.array([roots.index(path_parts(label)[0]) for label in labels], dtype=np.int64)
+
+
+def model_labels(data: TrainingData) -> list[str]:
+    """What the model learns for each row: its whole category path when the data has
+    paths (a label at any depth is a label, ``worker.tree``), else its label."""
+    return data.paths if data.paths is not None else data.labels
+
+
+def top_levels(data: TrainingData) -> list[str]:
+    return [path_parts(label)[0] for label in model_labels(data)]
+
+
+def tree_metrics(
+    true_paths: list[str], probs: np.ndarray, labels: list[str], thresholds: list[float]
+) -> dict:
+    """The tree figures: hierarchical and per-level ones of the leaf candidates (what
+    the model names when made to answer), and what backoff at ``thresholds`` accepts."""
+    backoff = backoff_metrics(true_paths, probs, labels, thresholds)
+    return {
+        **hierarchical_metrics(true_paths, backoff.pop("candidates")),
+        "backoff": {k: v for k, v in backoff.items() if k != "accepted"},
+    }
 
 
 def predict_keras(fitted: FittedModel, data: TrainingData, batch_size: int = 1024) -> np.ndarray:
@@ -436,13 +604,15 @@ def train(
     fitted = fit_model(data, split, params, on_epoch=on_epoch)
     val, test = data.subset(split.val), data.subset(split.test)
     val_probs = fitted.val_probs
-    threshold = choose_threshold(
-        val.labels,
+    level_thresholds = choose_level_thresholds(
+        model_labels(val),
         val_probs,
         fitted.labels,
         params.target_precision,
         class_balanced=params.threshold_class_balanced,
     )
+    threshold = level_thresholds[0]
+    log.info("thresholds per level: %s", ", ".join(f"{t:.3f}" for t in level_thresholds))
 
     test_feeds = fusion_inputs(fitted.vocabulary, test.inputs)
     exported = export_artifact(
@@ -451,29 +621,36 @@ def train(
         threshold,
         text_packing=data.inputs.text_packing,
         encoders=params.encoders,
-        extra_meta={"target_precision": params.target_precision},
+        extra_meta={
+            "target_precision": params.target_precision,
+            "level_thresholds": level_thresholds,
+        },
     )
     served = FusionModel.from_artifact(exported.artifact, exported.sha256)
     test_probs = served.predict(test.inputs)
-    test_metrics = evaluate(test.labels, test_probs, fitted.labels, threshold, report_dir)
+    tree = served.tree
+    # The flat figures are of the top level, whatever depth the labels have.
+    test_metrics = evaluate(
+        top_levels(test), tree.root_probs(test_probs), tree.root_names, threshold, report_dir
+    )
     test_metrics.update(
-        hierarchical_metrics(
-            test.paths or test.labels, [fitted.labels[k] for k in test_probs.argmax(axis=1)]
-        )
+        tree_metrics(model_labels(test), test_probs, fitted.labels, level_thresholds)
     )
 
     started = time.perf_counter()
     rest = data.subset(np.concatenate([split.train, split.val]))
-    baseline = fit_baseline(rest.inputs.texts, rest.labels, seed=params.seed)
+    baseline = fit_baseline(rest.inputs.texts, top_levels(rest), seed=params.seed)
     baseline_probs = _aligned(
-        baseline.predict_proba(test.inputs.texts), baseline.labels, fitted.labels
+        baseline.predict_proba(test.inputs.texts), baseline.labels, tree.root_names
     )
-    baseline_metrics = evaluate(test.labels, baseline_probs, fitted.labels)
+    baseline_metrics = evaluate(top_levels(test), baseline_probs, tree.root_names)
     baseline_metrics["seconds"] = time.perf_counter() - started
 
     metrics = {
         "test": test_metrics,
-        "validation": evaluate(val.labels, val_probs, fitted.labels, threshold),
+        "validation": evaluate(
+            top_levels(val), tree.root_probs(val_probs), tree.root_names, threshold
+        ),
         "baseline": {k: baseline_metrics[k] for k in ("accuracy", "macro_f1", "ece", "seconds")},
         "beats_baseline": test_metrics["macro_f1"] > baseline_metrics["macro_f1"],
         "onnx_parity_max_abs_diff": exported.max_abs_diff,
@@ -496,7 +673,7 @@ def train(
         threshold,
     )
     serving = exported
-    if params.refit_all and fitted.linear_estimator is not None:
+    if params.refit_all and (fitted.linear_estimator is not None or fitted.parts is not None):
         started = time.perf_counter()
         refitted = refit_linear(fitted, data)
         serving = export_artifact(
@@ -507,6 +684,7 @@ def train(
             encoders=params.encoders,
             extra_meta={
                 "target_precision": params.target_precision,
+                "level_thresholds": level_thresholds,
                 "linear_refit_rows": len(data.labels),
             },
         )

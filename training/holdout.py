@@ -58,12 +58,14 @@ def score_model(
 ) -> dict[str, Any]:
     """Score ``model`` on labeled inputs, or on ``rows`` of them (e.g. the test split).
 
-    The gate compares models this way; the model's own threshold gives the coverage.
+    The gate compares models this way, on the top level whatever depth the model's
+    labels have (``worker.tree``); the model's own threshold gives the coverage.
     """
     if rows is not None:
         data = data.subset(np.asarray(rows))
-    probs = model.predict(data.inputs)
-    return score_predictions(data.labels, probs, model.labels, model.threshold)
+    tree = model.tree
+    probs = tree.root_probs(model.predict(data.inputs))
+    return score_predictions(data.labels, probs, tree.root_names, model.threshold)
 
 
 @dataclass
@@ -76,8 +78,9 @@ class FileEvaluation:
 def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEvaluation:
     """Score ``model`` on a labeled file, without writing its rows to the catalog.
 
-    The flat figures compare top levels, the model's labels being top-level categories;
-    ``hierarchical`` and ``levels`` compare the rows' whole paths with the predicted ones.
+    The flat figures compare top levels (the model's labels summed to their roots);
+    ``hierarchical`` and ``levels`` compare the rows' whole paths with the model's leaf
+    candidates (``worker.tree``).
     """
     report = ImportReport()
     rows: list[ImportRecord] = [
@@ -94,11 +97,14 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
         None, products, text_encoder, image_encoder, settings, text_packing=model.text_packing
     )
     probs = model.predict(features.inputs)
+    tree = model.tree
     paths = [r.category for r in rows if r.category]
     metrics = score_predictions(
-        [top_level(path) for path in paths], probs, model.labels, model.threshold
-    )
-    metrics.update(hierarchical_metrics(paths, [model.labels[k] for k in probs.argmax(axis=1)]))
+        [top_level(path) for path in paths], tree.root_probs(probs), tree.root_names,
+        model.threshold,
+    )  # fmt: skip
+    nodes = tree.node_probs(probs)
+    metrics.update(hierarchical_metrics(paths, [tree.decide(n, []).candidate for n in nodes]))
     metrics["images"] = features.images.as_dict()
     metrics["warnings"] = [w for w in [features.images.text_only_warning()] if w]
     return FileEvaluation(metrics, report, features.images)

@@ -127,22 +127,31 @@ def build_model(shape: ModelShape, seed: int = 0) -> keras.Model:
 
 
 class LinearBag(layers.Layer):
-    """Softmax regression over the TF-IDF bag: softmax(sum_j w_j * table[id_j] + bias).
+    """Softmax regression over the TF-IDF bag: softmax(sum_j w_j * table[id_j] @ proj + bias).
 
     Holds a logistic regression fitted outside Keras (``training.fit.fit_linear``); its
     weights are fixed, so in the graph it is a Gather, a weighted sum and a softmax.
+    With ``rank`` the (vocabulary x classes) weights are factored into a (vocabulary x
+    rank) table and a (rank x classes) projection, so the artifact grows with the
+    vocabulary, not with vocabulary x classes; without it there is no projection.
     """
 
-    def __init__(self, vocab_size: int, num_classes: int, **kwargs):
+    def __init__(self, vocab_size: int, num_classes: int, rank: int | None = None, **kwargs):
         super().__init__(trainable=False, **kwargs)
         self.vocab_size = vocab_size
         self.num_classes = num_classes
+        self.rank = rank
 
     def build(self, input_shape):
         self.table = self.add_weight(
-            shape=(self.vocab_size, self.num_classes), initializer="zeros", trainable=False,
-            name="table",
+            shape=(self.vocab_size, self.rank or self.num_classes), initializer="zeros",
+            trainable=False, name="table",
         )  # fmt: skip
+        if self.rank:
+            self.proj = self.add_weight(
+                shape=(self.rank, self.num_classes), initializer="zeros", trainable=False,
+                name="proj",
+            )  # fmt: skip
         self.bias = self.add_weight(
             shape=(self.num_classes,), initializer="zeros", trainable=False, name="bias"
         )
@@ -150,7 +159,10 @@ class LinearBag(layers.Layer):
     def call(self, inputs):
         ids, weights = inputs
         rows = ops.take(self.table, ids, axis=0)
-        return ops.softmax(ops.sum(rows * ops.expand_dims(weights, -1), axis=1) + self.bias)
+        bag = ops.sum(rows * ops.expand_dims(weights, -1), axis=1)
+        if self.rank:
+            bag = ops.matmul(bag, self.proj)
+        return ops.softmax(bag + self.bias)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0], self.num_classes)
@@ -160,15 +172,17 @@ class LinearBag(layers.Layer):
             **super().get_config(),
             "vocab_size": self.vocab_size,
             "num_classes": self.num_classes,
+            "rank": self.rank,
         }
 
 
-def build_ensemble(mlp: keras.Model, coef, bias, linear_weight: float) -> keras.Model:
+def build_ensemble(mlp: keras.Model, coef, bias, linear_weight: float, proj=None) -> keras.Model:
     """``linear_weight`` x the linear model's probabilities + the rest x ``mlp``'s.
 
     ``coef`` (vocab size, K) and ``bias`` (K,) are the logistic regression over the
-    lexical bag. The result has the fusion graph's named inputs (``lex_ids`` and
-    ``lex_weights`` always) and one output, so it is served and exported like ``mlp``.
+    lexical bag; or ``coef`` (vocab size, r) and ``proj`` (r, K) its factors. The
+    result has the fusion graph's named inputs (``lex_ids`` and ``lex_weights``
+    always) and one output, so it is served and exported like ``mlp``.
     """
     named = {t.name: t for t in mlp.inputs}
     inputs = {
@@ -178,9 +192,14 @@ def build_ensemble(mlp: keras.Model, coef, bias, linear_weight: float) -> keras.
     for name, dtype in (("lex_ids", "int64"), ("lex_weights", "float32")):
         inputs.setdefault(name, keras.Input((None,), dtype=dtype, name=name))
     mlp_probs = mlp([inputs[t.name] for t in mlp.inputs])
-    linear = LinearBag(coef.shape[0], coef.shape[1], name="linear")
+    if proj is None:
+        linear = LinearBag(coef.shape[0], coef.shape[1], name="linear")
+        weights = [coef, bias]
+    else:
+        linear = LinearBag(coef.shape[0], proj.shape[1], rank=proj.shape[0], name="linear")
+        weights = [coef, proj, bias]
     linear_probs = linear([inputs["lex_ids"], inputs["lex_weights"]])
-    linear.set_weights([coef, bias])
+    linear.set_weights(weights)
     probs = layers.Add(name="probs")(
         [
             layers.Rescaling(float(linear_weight), name="linear_share")(linear_probs),
@@ -188,3 +207,54 @@ def build_ensemble(mlp: keras.Model, coef, bias, linear_weight: float) -> keras.
         ]
     )
     return keras.Model(inputs=list(inputs.values()), outputs=probs, name="shelver_ensemble")
+
+
+class TreeShare(layers.Layer):
+    """``paths * (top / (paths @ membership)) @ membership.T`` with fixed ``membership``."""
+
+    def __init__(self, num_paths: int, num_roots: int, epsilon: float = 1e-12, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.num_paths = num_paths
+        self.num_roots = num_roots
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.membership = self.add_weight(
+            shape=(self.num_paths, self.num_roots), initializer="zeros", trainable=False,
+            name="membership",
+        )  # fmt: skip
+
+    def call(self, inputs):
+        top, paths = inputs
+        root_of_paths = ops.maximum(ops.matmul(paths, self.membership), self.epsilon)
+        return paths * ops.matmul(top / root_of_paths, ops.transpose(self.membership))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[1]
+
+    def get_config(self):
+        return {**super().get_config(), "num_paths": self.num_paths,
+                "num_roots": self.num_roots, "epsilon": self.epsilon}  # fmt: skip
+
+
+def build_tree_model(top: keras.Model, paths: keras.Model, membership) -> keras.Model:
+    """The flat model's root probabilities shared among the paths under each root.
+
+    ``top`` outputs (n, R) over top-level categories, ``paths`` (n, K) over category
+    paths, ``membership`` (K, R) says which root each path lies under. Each path keeps
+    its share of its root as ``paths`` sees it, and each root's total is ``top``'s
+    (``TreeShare``). Inputs are the union of both models' named inputs.
+    """
+    # Fresh names: both parts are built by the same function and would share one.
+    top = keras.Model(top.inputs, top.outputs[0], name="top_level")
+    paths = keras.Model(paths.inputs, paths.outputs[0], name="paths")
+    named = {t.name: t for m in (top, paths) for t in m.inputs}
+    inputs = {
+        name: keras.Input(tuple(t.shape[1:]), dtype=t.dtype, name=name) for name, t in named.items()
+    }
+    share = TreeShare(membership.shape[0], membership.shape[1], name="tree_share")
+    probs = share(
+        [top([inputs[t.name] for t in top.inputs]), paths([inputs[t.name] for t in paths.inputs])]
+    )
+    share.set_weights([membership])
+    return keras.Model(inputs=list(inputs.values()), outputs=probs, name="shelver_tree")

@@ -1,0 +1,132 @@
+"""Labels at any depth: the tree model against the flat ones, on held-out-like splits.
+
+For each dataset and seed, one split that copies the hidden held-out part (Best Buy:
+20% of the rows with an image, stratified by top-level category; Flipkart: 20%
+stratified; validation 15% of the rest; ``train_recipes.heldout_split``), then:
+
+- ``path_baseline``: the issue's reference, TF-IDF + logistic regression with each full
+  path as one class (training/baseline.py on the paths), its argmax path;
+- ``flat``: today's default model on top-level labels (top-level figures only);
+- ``tree`` (rank r / full): the default recipe trained on every labeled path
+  (``TrainParams(linear_rank=r)``), scored through ``worker.tree``: the leaf candidate
+  for hF and the levels, the roots for top-level macro-F1, and backoff at the per-level
+  thresholds chosen on validation for precision 0.97 (precision and coverage of the
+  accepted nodes per level, share left for review).
+
+Embeddings come from ``train_recipes``' cache (SHELVER_BENCH_CACHE).
+
+    PYTHONPATH=benchmarks .venv/bin/python benchmarks/taxonomy_recipes.py \
+        --datasets bestbuy,flipkart --seeds 0,1,2 --ranks 64,full
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import numpy as np
+from sklearn.metrics import f1_score
+from train_recipes import heldout_split, load, read_rows
+
+from shelver.training.baseline import fit_baseline
+from shelver.training.dataset import TrainingData
+from shelver.training.evaluate import backoff_metrics, choose_level_thresholds
+from shelver.training.fit import TrainParams, fit_model, predict_keras
+from shelver.training.hierarchy import hierarchical_metrics
+from shelver.worker.tree import LabelTree, path_parts
+
+
+def with_paths(dataset: str) -> TrainingData:
+    data = load(dataset)
+    paths = [r["category_path"] for r in read_rows(dataset)]
+    return dataclasses.replace(data, paths=paths)
+
+
+def top_macro_f1(truth: list[str], predicted: list[str]) -> float:
+    return float(f1_score(truth, predicted, average="macro"))
+
+
+def score_tree(data: TrainingData, split, params: TrainParams) -> dict:
+    started = time.perf_counter()
+    fitted = fit_model(data, split, params)
+    seconds = time.perf_counter() - started
+    val, test = data.subset(split.val), data.subset(split.test)
+    probs = predict_keras(fitted, test)
+    tree = LabelTree(fitted.labels)
+    thresholds = choose_level_thresholds(
+        val.paths, fitted.val_probs, fitted.labels, params.target_precision, class_balanced=True
+    )
+    backoff = backoff_metrics(test.paths, probs, fitted.labels, thresholds)
+    tops = [tree.root_names[k] for k in tree.root_probs(probs).argmax(axis=1)]
+    scores = hierarchical_metrics(test.paths, backoff.pop("candidates"))
+    backoff.pop("accepted")
+    size = fitted.vocabulary.size * (params.linear_rank or len(fitted.labels))
+    return {
+        "hF": scores["hierarchical"]["f1"],
+        "levels": {k: v["accuracy"] for k, v in scores["levels"].items()},
+        "top_macro_f1": top_macro_f1(test.labels, tops),
+        "backoff": backoff,
+        "thresholds": thresholds,
+        "classes": len(fitted.labels),
+        "linear_table_floats": size,
+        "fit_s": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="bestbuy,flipkart")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ranks", default="64,full")
+    parser.add_argument("--flat", action="store_true", help="also fit today's flat model")
+    args = parser.parse_args()
+    results = []
+    for dataset in args.datasets.split(","):
+        data = with_paths(dataset)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            split = heldout_split(dataset, data, seed)
+            rest = data.subset(np.concatenate([split.train, split.val]))
+            test = data.subset(split.test)
+            base = fit_baseline(rest.inputs.texts, rest.paths, seed=seed)
+            predicted = base.predict(test.inputs.texts)
+            scores = hierarchical_metrics(test.paths, predicted)
+            row = {
+                "dataset": dataset,
+                "seed": seed,
+                "recipe": "path_baseline",
+                "hF": scores["hierarchical"]["f1"],
+                "levels": {k: v["accuracy"] for k, v in scores["levels"].items()},
+                "top_macro_f1": top_macro_f1(test.labels, [path_parts(p)[0] for p in predicted]),
+            }
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            if args.flat:
+                flat = fit_model(
+                    dataclasses.replace(data, paths=None), split, TrainParams(seed=seed)
+                )
+                probs = predict_keras(flat, test)
+                tops = [flat.labels[k] for k in probs.argmax(axis=1)]
+                row = {"dataset": dataset, "seed": seed, "recipe": "flat",
+                       "top_macro_f1": top_macro_f1(test.labels, tops)}  # fmt: skip
+                results.append(row)
+                print(json.dumps(row), flush=True)
+            for rank in args.ranks.split(","):
+                params = TrainParams(seed=seed, linear_rank=None if rank == "full" else int(rank))
+                row = {"dataset": dataset, "seed": seed, "recipe": f"tree_rank_{rank}"}
+                row.update(score_tree(data, split, params))
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    print("summary (mean over seeds):")
+    keys = sorted({(r["dataset"], r["recipe"]) for r in results})
+    for dataset, recipe in keys:
+        rows = [r for r in results if (r["dataset"], r["recipe"]) == (dataset, recipe)]
+        mean = {
+            k: float(np.mean([r[k] for r in rows])) for k in ("hF", "top_macro_f1") if k in rows[0]
+        }
+        print(f"{dataset:10s} {recipe:18s} seeds={len(rows)} {json.dumps(mean)}")
+
+
+if __name__ == "__main__":
+    main()
