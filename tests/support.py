@@ -182,3 +182,23 @@ def empty_catalog(engine: Engine) -> None:
             )
         ).scalar_one()
         conn.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+
+
+def worker_env(
+    database_url: str, broker_url: str, model_dir: Path, image_root: Path, **overrides: str
+) -> dict[str, str]:
+    """The environment of a real shelver process in a test: our servers, encoders and images.
+
+    Polls are fast so tests see a promotion or a queued row within a second;
+    ``overrides`` takes further SHELVER_* settings (or TMPDIR) by their variable names.
+    """
+    return {
+        **os.environ,
+        "SHELVER_DATABASE_URL": database_url,
+        "SHELVER_BROKER_URL": broker_url,
+        "SHELVER_MODEL_DIR": str(model_dir),
+        "SHELVER_IMAGE_ROOTS": json.dumps([str(image_root)]),
+        "SHELVER_MODEL_POLL_SECONDS": "1",
+        "SHELVER_POLL_SECONDS": "1",
+        **overrides,
+    }

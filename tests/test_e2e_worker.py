@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from support import (
     register_champion,
     scalar,
     training_titles,
+    worker_env,
 )
 
 from shelver.worker.encoders import load_encoders
@@ -51,17 +51,14 @@ def artifacts(encoder_dir: Path, fixture_data: Path) -> tuple[bytes, bytes]:
 def env(
     database_url: str, broker_url: str, encoder_dir: Path, fixture_data: Path, tmp_path: Path
 ) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SHELVER_DATABASE_URL": database_url,
-        "SHELVER_BROKER_URL": broker_url,
-        "SHELVER_MODEL_DIR": str(encoder_dir),
-        "SHELVER_IMAGE_ROOTS": json.dumps([str(fixture_data)]),
-        "SHELVER_MODEL_POLL_SECONDS": "1",
-        "SHELVER_POLL_SECONDS": "1",
-        "SHELVER_LEASE_SECONDS": "20",
-        "SHELVER_RETRY_BACKOFF_S": "0.5",
-    }
+    return worker_env(
+        database_url,
+        broker_url,
+        encoder_dir,
+        fixture_data,
+        SHELVER_LEASE_SECONDS="20",
+        SHELVER_RETRY_BACKOFF_S="0.5",
+    )
 
 
 @contextlib.contextmanager

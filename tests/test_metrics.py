@@ -7,8 +7,6 @@ and Redis, each serving /metrics on its --metrics-port.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import subprocess
 import time
@@ -18,7 +16,14 @@ from pathlib import Path
 import psutil
 import pytest
 from sqlalchemy import Engine, text
-from support import centroid_artifact, insert, register_champion, scalar, training_titles
+from support import (
+    centroid_artifact,
+    insert,
+    register_champion,
+    scalar,
+    training_titles,
+    worker_env,
+)
 from test_e2e_worker import SHELVER, running, sample_products
 from test_recovery import scrape
 
@@ -73,18 +78,15 @@ def artifact(encoder_dir: Path, fixture_data: Path) -> bytes:
 def env(
     database_url: str, broker_url: str, encoder_dir: Path, fixture_data: Path, tmp_path: Path
 ) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SHELVER_DATABASE_URL": database_url,
-        "SHELVER_BROKER_URL": broker_url,
-        "SHELVER_MODEL_DIR": str(encoder_dir),
-        "SHELVER_IMAGE_ROOTS": json.dumps([str(fixture_data)]),
-        "SHELVER_MODEL_POLL_SECONDS": "1",
-        "SHELVER_POLL_SECONDS": "1",
-        "SHELVER_RETRY_BACKOFF_S": "0.5",
+    return worker_env(
+        database_url,
+        broker_url,
+        encoder_dir,
+        fixture_data,
+        SHELVER_RETRY_BACKOFF_S="0.5",
         # The worker's multiprocess directory goes under here.
-        "TMPDIR": str(tmp_path),
-    }
+        TMPDIR=str(tmp_path),
+    )
 
 
 FAIL_ONCE = """

@@ -7,7 +7,6 @@ heartbeats; the dispatcher gives a silent worker's rows back (docs/operations.md
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,7 +17,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
-from support import centroid_artifact, insert, register_champion, scalar, training_titles
+from support import (
+    centroid_artifact,
+    insert,
+    register_champion,
+    scalar,
+    training_titles,
+    worker_env,
+)
 from test_e2e_worker import running, sample_products, wait_for
 
 from shelver.worker.encoders import load_encoders
@@ -56,17 +62,14 @@ def artifact(encoder_dir: Path, fixture_data: Path) -> bytes:
 def env(
     database_url: str, broker_url: str, encoder_dir: Path, fixture_data: Path
 ) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SHELVER_DATABASE_URL": database_url,
-        "SHELVER_BROKER_URL": broker_url,
-        "SHELVER_MODEL_DIR": str(encoder_dir),
-        "SHELVER_IMAGE_ROOTS": json.dumps([str(fixture_data)]),
-        "SHELVER_MODEL_POLL_SECONDS": "1",
-        "SHELVER_POLL_SECONDS": "1",
-        "SHELVER_LEASE_SECONDS": str(LEASE_S),
-        "SHELVER_BATCH_SIZE": "16",
-    }
+    return worker_env(
+        database_url,
+        broker_url,
+        encoder_dir,
+        fixture_data,
+        SHELVER_LEASE_SECONDS=str(LEASE_S),
+        SHELVER_BATCH_SIZE="16",
+    )
 
 
 def test_a_sigkilled_workers_rows_are_classified_again_within_seconds_not_at_lease_expiry(
