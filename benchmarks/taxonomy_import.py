@@ -11,17 +11,12 @@ Run: .venv/bin/python benchmarks/taxonomy_import.py
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from scratch_catalog import scratch_catalog
+from sqlalchemy import text
 
-from shelver.catalog.embedded import create_database, embedded_services
-from shelver.catalog.migrate import upgrade
-from shelver.catalog.settings import sqlalchemy_url
 from shelver.catalog.taxonomy import import_taxonomy
 
 TAXONOMIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "taxonomies"
@@ -29,16 +24,7 @@ FILES = ("google-product-taxonomy-2021-09-21.txt", "bestbuy-categories-2016.json
 
 
 def main() -> None:
-    with contextlib.ExitStack() as stack:
-        server = os.environ.get("SHELVER_DATABASE_URL")
-        if server:
-            server = server.rpartition("/")[0] + "/postgres"
-        else:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            server, _ = stack.enter_context(embedded_services(tmp))
-        url = create_database(server, "shelver_bench_taxonomy", recreate=True)
-        upgrade(url)
-        engine = create_engine(sqlalchemy_url(url))
+    with scratch_catalog("shelver_bench_taxonomy") as engine:
         for round_ in ("first load", "second load"):
             for name in FILES:
                 start = time.perf_counter()
@@ -56,7 +42,6 @@ def main() -> None:
                     assert report.added == 0, "a second load added categories"
         with engine.connect() as conn:
             total = conn.execute(text("SELECT count(*) FROM categories")).scalar_one()
-        engine.dispose()
         print(f"categories in the catalog: {total}")
 
 
