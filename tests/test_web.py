@@ -3,13 +3,16 @@ limits, session expiry, review verdicts, audits and live precision."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
 from starlette.routing import Route
 from starlette.testclient import TestClient
-from web_seed import PASSWORD, Judged, champion, csrf_of, judged, sign_in
+from web_seed import PASSWORD, Judged, add_user_by_cli, champion, csrf_of, judged, sign_in
 
 from shelver.catalog.settings import Settings
 from shelver.web import auth
@@ -431,19 +434,8 @@ def test_users_cannot_be_duplicated_or_given_unknown_roles(engine: Engine, users
 def test_users_add_takes_the_password_from_stdin_never_argv(
     engine: Engine, database_url: str
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "SHELVER_DATABASE_URL": database_url}
-    done = subprocess.run(
-        [sys.executable, "-m", "shelver.worker", "users", "add", "eve", "--role", "admin"],
-        input=PASSWORD + "\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    done = add_user_by_cli(env, "eve", "admin")
     assert done.returncode == 0, done.stderr
     assert "added eve (admin)" in done.stdout
     assert PASSWORD not in done.stdout + done.stderr

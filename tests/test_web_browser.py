@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import Engine, text
-from web_seed import PASSWORD, Judged, champion, judged
+from web_seed import PASSWORD, Judged, add_user_by_cli, champion, judged
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOTS = Path(
@@ -86,14 +86,7 @@ def server(engine: Engine, database_url: str, images: Path) -> Iterator[str]:
         "SHELVER_TARGET_PRECISION": "0.9",
         "SHELVER_IMAGE_ROOTS": f'["{images}"]',
     }
-    added = subprocess.run(
-        [sys.executable, "-m", "shelver.worker", "users", "add", "rita", "--role", "reviewer"],
-        input=PASSWORD + "\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    added = add_user_by_cli(env, "rita", "reviewer")
     assert added.returncode == 0, added.stderr
     port = free_port()
     process = subprocess.Popen(

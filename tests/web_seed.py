@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import httpx
@@ -120,4 +122,18 @@ def sign_in(client: httpx.Client, name: str, password: str = PASSWORD) -> httpx.
     return client.post(
         "/login",
         data={"name": name, "password": password, "csrf_token": csrf_of(form.text)},
+    )
+
+
+def add_user_by_cli(
+    env: dict[str, str], name: str, role: str, password: str = PASSWORD
+) -> subprocess.CompletedProcess[str]:
+    """`shelver users add NAME --role ROLE` as a real process, the password on its stdin."""
+    return subprocess.run(
+        [sys.executable, "-m", "shelver.worker", "users", "add", name, "--role", role],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
