@@ -6,9 +6,11 @@ network; one short training run is shared by the tests that need a trained model
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import zipfile
+from collections import Counter
 from io import BytesIO
 from pathlib import Path
 
@@ -41,6 +43,8 @@ from shelver.worker.fusion import (
 )
 from shelver.worker.inputs import ModelInputs, ProductContent, UnknownTextPacking, pack_texts
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, analyze, fit_vocabulary
+
+BLOCKS = {"w": 0, "c": 1, "nw": 2, "nc": 3}
 
 LABELS = ["Cameras", "Phones", "Washers"]
 WORDS = {
@@ -520,3 +524,43 @@ def test_paths_weigh_as_their_top_level_category_does():
     # not worth a whole category.
     assert weights == {0: pytest.approx(0.75), 1: pytest.approx(0.75), 2: pytest.approx(1.5)}
     assert class_weights(y, 3, "balanced") == {k: pytest.approx(1.0) for k in range(3)}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        LexicalParams(min_df=1, max_row_terms=12),
+        LexicalParams(analyzer="tfidf_union", min_df=1, name_weight=0.5, max_row_terms=20),
+    ],
+    ids=["words", "tfidf_union+names"],
+)
+def test_batch_transform_is_the_row_by_row_definition(params, fixture_data):
+    """transform() works per batch and remembers words; each row must still be exactly
+    analyze()'s terms, tf-idf weighted, cut to its top terms and normalized per block."""
+    rows = list(csv.DictReader((fixture_data / "flipkart" / "products.csv").open()))[:60]
+    names = [r["name"] for r in rows]
+    texts = [f"{r['name']}. {r['description']}" for r in rows]
+    vocab = fit_vocabulary(texts, params, names=names if params.name_weight else None)
+    index = {t: i + 1 for i, t in enumerate(vocab.terms)}
+    idf = np.asarray(vocab.idf, dtype=np.float32)
+
+    def block(i: int) -> int:
+        return 0 if params.analyzer == "words" else BLOCKS[vocab.terms[i - 1].split(":")[0]]
+
+    def expected(text: str, name: str) -> dict[int, float]:
+        terms = analyze(text, params, name if params.name_weight else None)
+        counts = Counter(index[t] for t in terms if t in index)
+        w = {i: (1 + np.log(np.float32(c))) * idf[i - 1] for i, c in counts.items()}
+        top = sorted(w, key=lambda i: -w[i])[: params.max_row_terms]  # stable: first seen
+        scale = (1.0, 1.0, params.name_weight, params.name_weight)
+        norms = {b: np.sqrt(sum(float(w[i]) ** 2 for i in top if block(i) == b)) for b in range(4)}
+        return {i: scale[block(i)] * float(w[i]) / norms[block(i)] for i in top}
+
+    # Twice over, so the second pass reads every word's char n-grams from the memo.
+    for _ in range(2):
+        ids, weights = vocab.transform(texts, names)
+        for r, (text, name) in enumerate(zip(texts, names, strict=True)):
+            want = expected(text, name)
+            got = {int(i): float(w) for i, w in zip(ids[r], weights[r], strict=True) if i}
+            assert got.keys() == want.keys()
+            np.testing.assert_allclose([got[i] for i in want], list(want.values()), rtol=1e-5)

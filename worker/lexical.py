@@ -27,6 +27,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -41,6 +42,10 @@ PAD_ID = 0
 
 # Term prefix -> normalization block: text words, text chars, name words, name chars.
 _BLOCKS = {"w": 0, "c": 1, "nw": 2, "nc": 3}
+
+# Distinct words whose char n-gram ids one vocabulary remembers (per block) before it
+# starts over: a few tens of MB at most, and a catalog's words repeat far more often.
+_CHAR_MEMO_WORDS = 200_000
 
 
 @dataclass(frozen=True)
@@ -98,14 +103,19 @@ def analyze(text: str, params: LexicalParams, name: str | None = None) -> list[s
     return _terms(text, params)
 
 
-def _terms(text: str, params: LexicalParams) -> list[str]:
+def _words(text: str, params: LexicalParams) -> tuple[list[str], list[str]]:
+    """The words that make word n-grams, and the words that make char n-grams."""
     text = text[: params.max_chars].lower()
     if params.analyzer == "tfidf_union":
-        words, char_words = _SKLEARN_WORD.findall(text), text.split()
-    elif params.analyzer == "words":
-        words = char_words = _WORD.findall(text)
-    else:
-        raise ValueError(f"lexical analyzer must be words or tfidf_union, not {params.analyzer!r}")
+        return _SKLEARN_WORD.findall(text), text.split()
+    if params.analyzer == "words":
+        words = _WORD.findall(text)
+        return words, words
+    raise ValueError(f"lexical analyzer must be words or tfidf_union, not {params.analyzer!r}")
+
+
+def _terms(text: str, params: LexicalParams) -> list[str]:
+    words, char_words = _words(text, params)
     terms: list[str] = []
     wlo, whi = params.word_ngrams
     for n in range(wlo, whi + 1):
@@ -134,6 +144,10 @@ class LexicalVocabulary:
         # Each term's normalization block: the prefix before ":" (w, c, nw, nc).
         block = np.asarray((-1, *(_BLOCKS[t.split(":", 1)[0]] for t in self.terms)))
         object.__setattr__(self, "_block", block)
+        # word -> ids of its known char n-grams, in order, with repeats; one memo per
+        # prefix ("c:" for text words, "nc:" for name words). Catalog words repeat, so
+        # most rows look up whole words instead of building their n-gram strings.
+        object.__setattr__(self, "_char_ids", {"c:": {}, "nc:": {}})
 
     @property
     def size(self) -> int:
@@ -154,41 +168,108 @@ class LexicalVocabulary:
         A row with no known term is all padding, which the model sees as "no lexical
         evidence" rather than an error.
         """
-        index: dict[str, int] = self._index  # type: ignore[attr-defined]
-        idf: np.ndarray = self._idf  # type: ignore[attr-defined]
+        if self.reads_names and self.params.analyzer != "tfidf_union":
+            raise ValueError("lexical name_weight needs the tfidf_union analyzer")
         named = _with_names(texts, names if self.reads_names else None, self.reads_names)
-        rows: list[tuple[np.ndarray, np.ndarray]] = []
+        # The batch as flat arrays (row r's terms at offsets[r]:offsets[r + 1]), so the
+        # weighting, normalization and padding below are a few numpy calls per batch.
+        row_ids: list[list[int]] = []
+        row_tf: list[list[int]] = []
         for text, name in named:
-            counts = Counter(t for t in analyze(text, self.params, name) if t in index)
-            ids = np.fromiter((index[t] for t in counts), dtype=np.int64, count=len(counts))
-            tf = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-            w = (1.0 + np.log(tf)) * idf[ids]
-            if len(w) > self.params.max_row_terms:
-                # Stable sort on -w: equal weights keep first-seen order, deterministic.
-                top = np.argsort(-w, kind="stable")[: self.params.max_row_terms]
-                ids, w = ids[top], w[top]
-            rows.append((ids, self._normalized(ids, w)))
-        width = max([1, *(len(ids) for ids, _ in rows)])
-        out_ids = np.full((len(rows), width), PAD_ID, dtype=np.int64)
-        out_w = np.zeros((len(rows), width), dtype=np.float32)
-        for r, (ids, w) in enumerate(rows):
-            out_ids[r, : len(ids)] = ids
-            out_w[r, : len(w)] = w
+            known = self._known_ids(text, "")
+            if name is not None:
+                known += self._known_ids(name, "n")
+            # First-seen order, as analyze() lists the terms: it decides ties below.
+            counts = Counter(known)
+            row_ids.append(list(counts))
+            row_tf.append(list(counts.values()))
+        ids, w, lengths = self._weighted(row_ids, row_tf)
+        n = len(lengths)
+        row = np.repeat(np.arange(n), lengths)
+        w = self._normalized(ids, w, row, n)
+        width = max(1, int(lengths.max(initial=0)))
+        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        position = np.arange(len(ids)) - offsets[row]
+        out_ids = np.full((n, width), PAD_ID, dtype=np.int64)
+        out_w = np.zeros((n, width), dtype=np.float32)
+        out_ids[row, position] = ids
+        out_w[row, position] = w
         return out_ids, out_w
 
-    def _normalized(self, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
+    def _weighted(
+        self, row_ids: list[list[int]], row_tf: list[list[int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat ids and sublinear-tf x idf weights, each row cut to its ``max_row_terms``
+        highest weights; and the number of terms per row."""
+        idf: np.ndarray = self._idf  # type: ignore[attr-defined]
+        lengths = np.fromiter(map(len, row_ids), dtype=np.int64, count=len(row_ids))
+        total = int(lengths.sum())
+        ids = np.fromiter(chain.from_iterable(row_ids), dtype=np.int64, count=total)
+        tf = np.fromiter(chain.from_iterable(row_tf), dtype=np.float32, count=total)
+        w = (1.0 + np.log(tf)) * idf[ids]
+        cap = self.params.max_row_terms
+        if lengths.max(initial=0) <= cap:
+            return ids, w, lengths
+        kept_ids, kept_w, start = [], [], 0
+        for length in lengths.tolist():
+            row_w, row_id = w[start : start + length], ids[start : start + length]
+            if length > cap:
+                # Stable sort on -w: equal weights keep first-seen order, deterministic.
+                top = np.argsort(-row_w, kind="stable")[:cap]
+                row_w, row_id = row_w[top], row_id[top]
+            kept_ids.append(row_id)
+            kept_w.append(row_w)
+            start += length
+        return np.concatenate(kept_ids), np.concatenate(kept_w), np.minimum(lengths, cap)
+
+    def _known_ids(self, text: str, prefix: str) -> list[int]:
+        """Ids of the vocabulary's terms among ``analyze``'s terms of ``text``, in its order.
+
+        The same list as ``[index[t] for t in _terms(text) if t in index]`` with every
+        term prefixed by ``prefix``; char n-grams come from a per-word memo.
+        """
+        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        params = self.params
+        words, char_words = _words(text, params)
+        ids: list[int] = []
+        wlo, whi = params.word_ngrams
+        word_prefix = prefix + "w:"
+        for n in range(wlo, whi + 1):
+            for i in range(len(words) - n + 1):
+                found = index.get(word_prefix + " ".join(words[i : i + n]))
+                if found is not None:
+                    ids.append(found)
+        char_prefix = prefix + "c:"
+        memo: dict[str, tuple[int, ...]] = self._char_ids[char_prefix]  # type: ignore[attr-defined]
+        clo, chi = params.char_ngrams
+        for word in char_words:
+            grams = memo.get(word)
+            if grams is None:
+                if len(memo) >= _CHAR_MEMO_WORDS:
+                    memo.clear()
+                grams = tuple(
+                    index[t]
+                    for t in (char_prefix + g for g in _char_ngrams(word, clo, chi))
+                    if t in index
+                )
+                memo[word] = grams
+            ids.extend(grams)
+        return ids
+
+    def _normalized(self, ids: np.ndarray, w: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
+        """``w`` L2-normalized per row ("words"), or per row and block, the name blocks
+        then scaled by ``name_weight`` ("tfidf_union"). An all-zero group stays zero."""
         if self.params.analyzer == "words":
-            norm = float(np.sqrt(np.dot(w, w)))
-            return w / norm if norm > 0 else w.copy()
-        term_block = self._block[ids]  # type: ignore[attr-defined]
-        out = w.copy()
-        name_weight = self.params.name_weight
-        for b, scale in ((0, 1.0), (1, 1.0), (2, name_weight), (3, name_weight)):
-            block = term_block == b
-            norm = float(np.sqrt(np.dot(w[block], w[block])))
-            if norm > 0:
-                out[block] = scale * w[block] / norm
-        return out
+            group, groups, scale = row, n, np.ones(1, dtype=np.float32)
+            block = np.zeros(len(ids), dtype=np.int64)
+        else:
+            block = self._block[ids]  # type: ignore[attr-defined]
+            group, groups = row * 4 + block, n * 4
+            name_weight = self.params.name_weight
+            scale = np.asarray((1.0, 1.0, name_weight, name_weight), dtype=np.float32)
+        norm = np.sqrt(np.bincount(group, weights=w * w, minlength=groups))[group]
+        safe = np.where(norm > 0, norm, 1.0)
+        return np.where(norm > 0, scale[block] * w / safe, w).astype(np.float32)
 
     def to_json(self) -> dict:
         return {
