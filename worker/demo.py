@@ -5,6 +5,13 @@ configured), migrates, makes sure the encoders exist, makes sure a champion
 exists (the bundled default model, or one trained on ``--data``), starts a real
 dispatcher and worker, inserts products with plain SQL, and watches them being
 classified. It tells a ``DemoObserver`` what happens; the CLI's observer prints.
+
+With the bundled model the demo also loads a small taxonomy (a cut of Best Buy's 2016
+category tree, ``demo_data/README.md``) and turns on ``SHELVER_ZERO_LABEL_MERGE`` for
+its own worker: the tree has two top-level categories the bundled model never learned
+("Wearable Technology", "Best Buy Gift Cards"), and the demo's products of those get
+the taxonomy node as a suggestion and wait for review, where the model alone would
+name a category it knows (a smartwatch auto-accepted as "Cell Phones").
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import psycopg2
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from shelver.catalog import queue
+from shelver.catalog.categories import SEPARATOR
 from shelver.catalog.db import engine_for
 from shelver.catalog.embedded import create_database, embedded_services
 from shelver.catalog.importer import import_file
@@ -38,6 +46,7 @@ if TYPE_CHECKING:
     from shelver.web.demo import DemoSite
 
 DEMO_PRODUCTS = Path(__file__).resolve().parent / "demo_data" / "products.csv"
+DEMO_TAXONOMY = Path(__file__).resolve().parent / "demo_data" / "bestbuy-categories-2016-demo.json"
 DEMO_SKU_PREFIX = "demo-"
 TERMINAL = ("classified", "needs_review", "failed")
 
@@ -70,6 +79,9 @@ class DemoOutcome:
     finished: bool  # every watched product reached a terminal status in time
     by_status: dict[str, int]  # the watched products: the demo's own, or all with ``--data``
     log_path: Path
+    # The demo's own products waiting for review with a suggested category the champion
+    # was never trained on (a taxonomy node); None with ``--data`` (no taxonomy loaded).
+    taxonomy_suggestions: int | None = None
 
 
 def run_demo(
@@ -95,6 +107,8 @@ def run_demo(
         prepare_catalog(settings, observer, database_url)
         engine = engine_for(sqlalchemy_url(database_url))
         image_root = data.resolve().parent if data is not None else None
+        merge = data is None
+        suggested: int | None = None
         if data is not None:
             train_on(engine, settings, observer, data, database_url)
         else:
@@ -107,7 +121,8 @@ def run_demo(
                 if record
                 else "the catalog already has a champion; using it"
             )
-        env = process_env(database_url, broker_url, settings, image_root)
+            load_demo_taxonomy(engine, observer)
+        env = process_env(database_url, broker_url, settings, image_root, zero_label_merge=merge)
         with (
             event_path(env, Path(settings.data_dir)) as running,
             web_app(engine, env, Path(settings.data_dir), observer) as site,
@@ -121,12 +136,54 @@ def run_demo(
                 finished, by_status = _watch_products(
                     database_url, skus, running, observer, timeout_s
                 )
+                suggested = taxonomy_suggestions(engine, snapshot(database_url, skus))
             if site is not None and serve_until_interrupted:
                 observer.step(f"the web application stays up at {site.url}; Ctrl-C stops the demo")
                 with contextlib.suppress(KeyboardInterrupt):
                     while True:
                         time.sleep(3600)
-    return DemoOutcome(finished, by_status, running.log_path)
+    return DemoOutcome(finished, by_status, running.log_path, suggested)
+
+
+def load_demo_taxonomy(engine: Engine, observer: DemoObserver, path: Path = DEMO_TAXONOMY) -> None:
+    """Import the demo's taxonomy and say how much of it the champion never learned."""
+    from shelver.catalog.taxonomy import import_taxonomy
+
+    report = import_taxonomy(engine, path)
+    unseen = unlearned_paths(engine, _catalog_paths(engine))
+    roots = sorted(p for p in unseen if SEPARATOR not in p)
+    observer.step(
+        f"taxonomy loaded: {report.nodes} categories of Best Buy's 2016 tree ({report.added} new); "
+        f"{len(unseen)} the champion never learned, under {', '.join(roots) or 'none'}"
+    )
+    observer.note(
+        "the worker also suggests those from their names (SHELVER_ZERO_LABEL_MERGE=1 for the "
+        "demo's worker); such suggestions always wait for review"
+    )
+
+
+def _catalog_paths(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT path FROM categories")).scalars())
+
+
+def unlearned_paths(engine: Engine, paths: list[str]) -> set[str]:
+    """Those of ``paths`` the champion cannot answer even coarsely (``zero_label``)."""
+    from shelver.training import registry
+    from shelver.worker.zero_label import unlabeled_categories
+
+    with engine.connect() as conn:
+        champion = registry.champion(conn)
+    if champion is None:
+        return set(paths)
+    return {paths[k] for k in unlabeled_categories(champion.labels, paths)}
+
+
+def taxonomy_suggestions(engine: Engine, rows: list[ProductView]) -> int:
+    """Products waiting for review whose suggestion is a category the champion never learned."""
+    waiting = [r.category for r in rows if r.status == "needs_review" and r.category]
+    unseen = unlearned_paths(engine, sorted(set(waiting)))
+    return sum(1 for category in waiting if category in unseen)
 
 
 def prepare_catalog(settings: Settings, observer: DemoObserver, database_url: str) -> None:
@@ -234,7 +291,14 @@ def encoders_ready(model_dir: Path) -> bool:
     return True
 
 
-def process_env(database_url: str, broker_url: str, settings: Settings, image_root: Path | None):
+def process_env(
+    database_url: str,
+    broker_url: str,
+    settings: Settings,
+    image_root: Path | None,
+    *,
+    zero_label_merge: bool = False,
+):
     env = {
         **os.environ,
         "SHELVER_DATABASE_URL": database_url,
@@ -244,6 +308,8 @@ def process_env(database_url: str, broker_url: str, settings: Settings, image_ro
     }
     if image_root is not None:
         env["SHELVER_IMAGE_ROOTS"] = f'["{image_root}"]'
+    if zero_label_merge:
+        env["SHELVER_ZERO_LABEL_MERGE"] = "1"
     return env
 
 

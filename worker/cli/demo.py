@@ -48,9 +48,16 @@ def demo(
         shown = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
         console.print(f"products by status: {shown}")
     else:
+        suggested = outcome.taxonomy_suggestions
         console.print(
             f"{counts.get('classified', 0)} classified automatically, "
             f"{counts.get('needs_review', 0)} left for a person (`shelver review`)"
+            + (
+                f", {suggested} of them with a taxonomy category the model was never "
+                "trained on as the suggestion"
+                if suggested is not None
+                else ""
+            )
             + (f", {counts['failed']} failed" if counts.get("failed") else "")
         )
     if not outcome.finished:
