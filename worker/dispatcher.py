@@ -41,8 +41,10 @@ class DispatchConfig:
     poll_seconds: float = 2.0
     lease_seconds: int = 300
     max_attempts: int = 5
-    # Bulk rows are re-scores, mostly from cached embeddings: big batches are cheap.
-    backfill_batch_size: int = 256
+    # Bulk rows are re-scores, mostly from cached embeddings: big batches are cheap,
+    # and each batch has a fixed cost (claim, in-flight count, task, commit) that 1024
+    # rows share four times better than 256 (BENCHMARKS.md, re-scoring).
+    backfill_batch_size: int = 1024
     # Claimed-but-unfinished batches allowed per lane. Claiming a whole backlog
     # at once would let leases run out while tasks wait in the broker: the rows
     # would be handed out twice and spend attempts they never used.

@@ -77,7 +77,8 @@ def backfill(
                 bar.update(done_task, completed=state.finished, total=state.enqueued)
                 if state.enqueue_done and state.remaining == 0:
                     break
-                stop.wait(0.5)
+                # Short: a re-score of cached rows runs thousands of rows a second.
+                stop.wait(0.1)
     elapsed = time.monotonic() - started
     if stop.is_set():
         console.print(

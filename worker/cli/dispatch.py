@@ -19,8 +19,11 @@ def dispatch(
         int | None, typer.Option(help="Wait to fill a batch (default SHELVER_BATCH_WAIT_MS).")
     ] = None,
     backfill_batch_size: Annotated[
-        int, typer.Option(help="Products per backfill task; cached re-scores are cheap.")
-    ] = 256,
+        int | None,
+        typer.Option(
+            min=1, help="Products per backfill task (default 1024; cached re-scores are cheap)."
+        ),
+    ] = None,
     max_inflight_batches: Annotated[
         int, typer.Option(help="Sent-but-unfinished batches allowed per queue, all dispatchers.")
     ] = 8,
