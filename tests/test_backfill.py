@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -205,3 +206,16 @@ def wait_blocked_or_done(
                 return
             conn.rollback()
             time.sleep(0.02)
+
+
+def test_a_run_is_asked_for_by_a_selection_or_a_resume_never_both(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO products (sku, name) VALUES ('a', 'Speaker')"))
+    with pytest.raises(bf.BackfillError, match="say what to re-score"):
+        bf.open_run(engine, bf.Selector())
+    run = bf.open_run(engine, bf.Selector(), every=True)
+    assert run.total == 1 and run.status == "running"
+    for selector, every in ((bf.Selector(stale=True), False), (bf.Selector(), True)):
+        with pytest.raises(bf.BackfillError, match="--resume continues a run with its own"):
+            bf.open_run(engine, selector, every=every, resume=run.id)
+    assert bf.open_run(engine, bf.Selector(), resume=run.id).id == run.id

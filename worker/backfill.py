@@ -141,6 +141,23 @@ def load(engine: Engine, run_id: int) -> BackfillRun:
     return BackfillRun(row[0], Selector(**row[1]), row[2], row[3], row[4], row[5])
 
 
+def open_run(
+    engine: Engine, selector: Selector, *, every: bool = False, resume: int | None = None
+) -> BackfillRun:
+    """The run a command line asks for: run ``resume`` again, or a new run of ``selector``
+    (``every`` product when it sets no filter). Raises BackfillError on a request that
+    says too little or two contradicting things."""
+    if resume is not None:
+        if every or selector != Selector():
+            raise BackfillError("--resume continues a run with its own selection; give no filters")
+        return load(engine, resume)
+    if not every and selector == Selector():
+        raise BackfillError(
+            "say what to re-score: --all, --unclassified, --stale, --category or --since"
+        )
+    return start(engine, selector)
+
+
 def enqueue(engine: Engine, run: BackfillRun, chunk: int = CHUNK) -> Iterator[BackfillRun]:
     """Enqueue the run's remaining selection chunk by chunk; yields after each commit.
 

@@ -41,21 +41,9 @@ def backfill(
     and a worker consuming the `backfill` queue.
     """
     engine = get_engine()
-    filters = unclassified or stale or category is not None or since is not None
+    selector = bf.Selector(unclassified=unclassified, stale=stale, category=category, since=since)
     try:
-        if resume is not None:
-            if all_products or filters:
-                raise UserError("--resume continues a run with its own selection; give no filters")
-            run = bf.load(engine, resume)
-        elif not (all_products or filters):
-            raise UserError(
-                "say what to re-score: --all, --unclassified, --stale, --category or --since"
-            )
-        else:
-            run = bf.start(
-                engine,
-                bf.Selector(unclassified=unclassified, stale=stale, category=category, since=since),
-            )
+        run = bf.open_run(engine, selector, every=all_products, resume=resume)
     except bf.BackfillError as exc:
         raise UserError(str(exc)) from exc
     console.print(f"backfill run {run.id}: {run.total} products selected")
