@@ -34,6 +34,7 @@ from shelver.training.fit import (
 )
 from shelver.training.holdout import score_model
 from shelver.training.model import ModelShape, build_ensemble, build_model
+from shelver.worker import fusion
 from shelver.worker.fusion import (
     ArtifactRejected,
     FusionModel,
@@ -248,6 +249,21 @@ def test_missing_image_is_served_from_text_alone(trained):
     b = model.predict(dataclasses.replace(absent, image_emb=garbage))
     np.testing.assert_array_equal(a, b)  # whatever sits in image_emb, it is ignored
     assert np.isfinite(a).all()
+
+
+def test_a_batch_scores_each_row_as_that_row_alone(trained, monkeypatch):
+    """predict() reorders rows by their lexical term counts and pads each run to its
+    own longest row; every row must still get its own probabilities back."""
+    data, result, _ = trained
+    model = FusionModel.from_artifact(result.artifact, result.sha256)
+    assert model.vocabulary is not None
+    monkeypatch.setattr(fusion, "LENGTH_BUCKET", 7)  # several runs in a batch of 40
+    rows = data.inputs.subset(np.arange(40))
+    batch = model.predict(rows)
+    alone = np.concatenate([model.predict(rows.subset([i])) for i in range(40)])
+    lengths = np.count_nonzero(fusion_inputs(model.vocabulary, rows)["lex_ids"], axis=1)
+    assert len(set(lengths.tolist())) > 5  # the rows really differ in length
+    np.testing.assert_allclose(batch, alone, atol=1e-6)
 
 
 def test_model_inputs_keep_their_rows_together():

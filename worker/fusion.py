@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from shelver.worker.inputs import ModelInputs, UnknownTextPacking, text_packing_name
-from shelver.worker.lexical import LexicalVocabulary
+from shelver.worker.lexical import PAD_ID, LexicalVocabulary
 from shelver.worker.tree import LabelTree
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ REQUIRED_META = ("labels", "threshold", "encoders", "text_packing", "text_dim", 
 # Rows per onnxruntime call: bounds the padded lexical matrix when backfill scores
 # thousands of rows at once.
 PREDICT_CHUNK = 1024
+# Rows per onnxruntime call once a chunk is sorted by its rows' lexical term counts.
+LENGTH_BUCKET = 256
 
 
 class ArtifactRejected(Exception):
@@ -190,5 +192,24 @@ class FusionModel:
         for start in range(0, n, PREDICT_CHUNK):
             rows = slice(start, start + PREDICT_CHUNK)
             feeds = fusion_inputs(self.vocabulary, inputs.subset(rows))
-            out[rows] = self._session.run(None, {k: feeds[k] for k in self._inputs})[0]
+            out[rows] = self._run(feeds)
+        return out
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph over ``feeds``. With lexical inputs, rows go through in runs of
+        similar term counts, each padded only to its own longest row: a batch's longest
+        row otherwise sets the width every row pays for in the lexical lookup."""
+        feeds = {k: feeds[k] for k in self._inputs}
+        if "lex_ids" not in feeds:
+            return self._session.run(None, feeds)[0]
+        lengths = np.count_nonzero(feeds["lex_ids"] != PAD_ID, axis=1)
+        order = np.argsort(lengths, kind="stable")
+        out = np.empty((len(order), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), LENGTH_BUCKET):
+            rows = order[start : start + LENGTH_BUCKET]
+            width = max(1, int(lengths[rows[-1]]))
+            part = {k: v[rows] for k, v in feeds.items()}
+            part["lex_ids"] = part["lex_ids"][:, :width]
+            part["lex_weights"] = part["lex_weights"][:, :width]
+            out[rows] = self._session.run(None, part)[0]
         return out
