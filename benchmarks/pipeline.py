@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,14 +99,20 @@ def bare(model_dir: Path, rows: list[dict], artifact: bytes) -> dict:
 
 @contextlib.contextmanager
 def pipeline(
-    env: dict[str, str], pool: str, concurrency: int, threads: int, logs: Path
+    env: dict[str, str],
+    pool: str,
+    concurrency: int,
+    threads: int,
+    logs: Path,
+    *,
+    worker_args: Sequence[str] = (),
 ) -> Iterator[None]:
+    """Real `shelver dispatch` and `shelver worker` processes for the duration of the block;
+    ``worker_args`` are appended to the worker's command line (e.g. ``--metrics-port``)."""
     procs = []
+    worker = ["worker", "-P", pool, "-c", str(concurrency), "--threads", str(threads)]
     with contextlib.ExitStack() as stack:
-        for name, args in (
-            ("dispatch", ["dispatch"]),
-            ("worker", ["worker", "-P", pool, "-c", str(concurrency), "--threads", str(threads)]),
-        ):
+        for name, args in (("dispatch", ["dispatch"]), ("worker", [*worker, *worker_args])):
             out = stack.enter_context(
                 (logs / f"{name}-{pool}-{concurrency}-{threads}.log").open("wb")
             )
