@@ -25,7 +25,7 @@ exported encoders first):
 PostgreSQL and Valkey are embedded and private to the run (``capacity.start_servers``).
 Raw JSON goes to ``--out``; worker and dispatcher logs beside it.
 
-    .venv/bin/python benchmarks/image_heavy.py --model-dir /tmp/enc/encoders --n 800
+    .venv/bin/python benchmarks/image_heavy.py --model-dir var/models --n 800
 """
 
 from __future__ import annotations
