@@ -7,13 +7,21 @@ real model in seconds instead of training one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlalchemy import Engine, text
 
 from shelver.worker.encoders import ImageEncoder, TextEncoder, product_text
@@ -201,4 +209,68 @@ def worker_env(
         "SHELVER_MODEL_POLL_SECONDS": "1",
         "SHELVER_POLL_SECONDS": "1",
         **overrides,
+    }
+
+
+SHELVER = [sys.executable, "-m", "shelver.worker"]
+"""The command line of a shelver process, as tests start it."""
+
+
+@contextlib.contextmanager
+def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """A shelver process for the duration of the block; stopped with SIGTERM, as in production."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            SHELVER + args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    tails = "\n".join(
+        f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in logs.glob("*.log")
+    )
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def sample_products(fixture_data: Path, n: int) -> list[dict]:
+    """Best Buy rows, half with their photo; fixture rows are reused under new skus to reach n."""
+    with (fixture_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    picked = [rows[i % len(rows)] for i in range(n)]
+    return [
+        {
+            "sku": f"e2e-{i}-{row['id']}",
+            "name": row["name"],
+            "description": row["description"],
+            "image_uri": f"bestbuy/{row['image']}" if row["image"] and i % 2 == 0 else None,
+        }
+        for i, row in enumerate(picked)
+    ]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics page: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        page = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
     }

@@ -8,24 +8,25 @@ champion is a small real fusion model registered like training would.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
 from support import (
     CATEGORIES,
+    SHELVER,
     centroid_artifact,
     insert,
     register_champion,
+    running,
+    sample_products,
     scalar,
     training_titles,
+    wait_for,
     worker_env,
 )
 
@@ -33,7 +34,6 @@ from shelver.worker.encoders import load_encoders
 
 pytestmark = pytest.mark.slow
 
-SHELVER = [sys.executable, "-m", "shelver.worker"]
 TERMINAL = ("classified", "needs_review", "failed")
 
 
@@ -62,59 +62,12 @@ def env(
 
 
 @contextlib.contextmanager
-def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """A shelver process for the duration of the block; stopped with SIGTERM, as in production."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            SHELVER + args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-
-
-@contextlib.contextmanager
 def pipeline(env: dict[str, str], tmp_path: Path, queues: str = "classify,backfill"):
     with (
         running(["dispatch"], env, tmp_path / "dispatch.log") as dispatcher,
         running(["worker", "-Q", queues, "-c", "1"], env, tmp_path / "worker.log") as worker,
     ):
         yield dispatcher, worker
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str, logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    tails = "\n".join(
-        f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in logs.glob("*.log")
-    )
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
-
-
-def sample_products(fixture_data: Path, n: int) -> list[dict]:
-    """Best Buy rows, half with their photo; fixture rows are reused under new skus to reach n."""
-    with (fixture_data / "bestbuy" / "products.csv").open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    picked = [rows[i % len(rows)] for i in range(n)]
-    return [
-        {
-            "sku": f"e2e-{i}-{row['id']}",
-            "name": row["name"],
-            "description": row["description"],
-            "image_uri": f"bestbuy/{row['image']}" if row["image"] and i % 2 == 0 else None,
-        }
-        for i, row in enumerate(picked)
-    ]
 
 
 def test_inserted_products_all_reach_a_terminal_state(

@@ -17,15 +17,17 @@ import psutil
 import pytest
 from sqlalchemy import Engine, text
 from support import (
+    SHELVER,
     centroid_artifact,
     insert,
     register_champion,
+    running,
+    sample_products,
     scalar,
+    scrape,
     training_titles,
     worker_env,
 )
-from test_e2e_worker import SHELVER, running, sample_products
-from test_recovery import scrape
 
 from shelver.worker.encoders import load_encoders
 from shelver.worker.metrics import failure_reason

@@ -11,21 +11,22 @@ import os
 import signal
 import socket
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 from support import (
     centroid_artifact,
     insert,
     register_champion,
+    running,
+    sample_products,
     scalar,
+    scrape,
     training_titles,
+    wait_for,
     worker_env,
 )
-from test_e2e_worker import running, sample_products, wait_for
 
 from shelver.worker.encoders import load_encoders
 
@@ -40,17 +41,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics page: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        page = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(page)
-        for sample in family.samples
-    }
 
 
 @pytest.fixture(scope="module")
