@@ -354,6 +354,11 @@ class TextEncoder:
 class ImageEncoder:
     """A pooled-feature CNN on onnxruntime; input size, scaling and layout are from the manifest."""
 
+    # Images per onnxruntime run. onnxruntime's arena keeps the largest run's activations for
+    # the life of the process (32 EfficientNet-Lite0 images: 325 MB); a worker with one
+    # thread per process runs 4 (worker.runtime, SHELVER_IMAGE_BATCH_SIZE).
+    batch_size = 32
+
     def __init__(
         self, spec: EncoderSpec, onnx_path: Path, *, intra_op_threads: int | None = None
     ) -> None:
@@ -402,7 +407,8 @@ class ImageEncoder:
             batch = batch.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(batch, dtype=np.float32)
 
-    def encode(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+    def encode(self, images: list[Image.Image], batch_size: int | None = None) -> np.ndarray:
+        batch_size = batch_size or self.batch_size
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             batch = self.batch_array(images[start : start + batch_size])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy.orm import Session
@@ -29,7 +30,12 @@ def _warm_up(**_: object) -> None:
     get_engine().dispose(close=False)
     try:
         this_worker()
-        champion = get_runtime().champion()
+        runtime = get_runtime()
+        if runtime.loaded_by_pid != os.getpid():
+            log.info(
+                "using the encoders loaded by the main process (pid %d)", runtime.loaded_by_pid
+            )
+        champion = runtime.champion()
         metrics.observe_champion(champion.version if champion else None)
     except Exception:
         # PostgreSQL not reachable yet: the first task loads the champion (and

@@ -38,6 +38,14 @@ def run_worker(
             "Health checks ping it: celery inspect ping -d NAME.",
         ),
     ] = None,
+    preload: Annotated[
+        bool,
+        typer.Option(
+            help="Load the encoders and the champion once, before the prefork pool starts, so "
+            "its processes share them (with --threads 1). --no-preload: each process loads "
+            "its own copy.",
+        ),
+    ] = True,
     loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
     metrics_port: Annotated[
         int | None,
@@ -60,6 +68,7 @@ def run_worker(
             loglevel=loglevel,
             name=name,
             metrics_port=metrics_port,
+            preload=preload,
         )
     except UnknownQueue as exc:
         raise UserError(f"-Q: {exc}") from exc
