@@ -22,3 +22,59 @@ def test_without_unseen_rows_there_is_no_share_to_report() -> None:
     figures = score_predictions(["Audio", "Cell Phones"], probs, ["Audio", "Cell Phones"], 0.9)
     assert figures["unknown_categories"] == {}
     assert figures["unknown_auto_accepted"] is None
+
+
+def _cluster(rng: np.random.Generator, centre: np.ndarray, n: int, spread: float) -> np.ndarray:
+    rows = centre + spread * rng.standard_normal((n, len(centre)))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_the_prototype_gate_refuses_an_accept_far_from_its_class_and_survives_meta_json() -> None:
+    import json
+
+    from shelver.worker.open_set import PROTOTYPES, OpenSetGate, gated
+    from shelver.worker.tree import Decision
+
+    rng = np.random.default_rng(0)
+    audio, phones, garden = np.eye(16)[0], np.eye(16)[1], np.eye(16)[2]
+    fit = np.vstack([_cluster(rng, audio, 40, 0.1), _cluster(rng, phones, 40, 0.1)])
+    val = np.vstack([_cluster(rng, audio, 20, 0.1), _cluster(rng, phones, 20, 0.1)])
+    val_probs = np.repeat([[0.95, 0.05], [0.05, 0.95]], 20, axis=0)
+    roots = ["Audio", "Cell Phones"]
+    gate = OpenSetGate.fit(
+        PROTOTYPES, roots, fit, ["Audio"] * 40 + ["Cell Phones"] * 40, val, val_probs, 0.9
+    )
+    # The floor is a low quantile of the accepted validation rows: most of them pass.
+    assert 0.9 <= gate.admits(val, val_probs).mean() < 1.0
+    restored = OpenSetGate.from_meta({"open_set": json.loads(json.dumps(gate.to_meta()))})
+    assert restored is not None and restored.floor == pytest.approx(gate.floor)
+    near, far = _cluster(rng, audio, 1, 0.05)[0], _cluster(rng, garden, 1, 0.05)[0]
+    accepted = Decision("Audio > Headphones", "Audio", (0.97, 0.6))
+    sure = np.array([0.97, 0.03])
+    assert gated(accepted, restored, near, sure, roots) == accepted
+    # A garden product the model put in Audio with 0.97: the suggestion stays, the
+    # auto-accept goes.
+    refused = gated(accepted, restored, far, sure, roots)
+    assert (refused.candidate, refused.accepted) == ("Audio > Headphones", None)
+    # A merged model's columns: named, not positional; a top level it never knew is refused.
+    assert gated(accepted, restored, near, sure[::-1], roots[::-1]) == accepted
+    assert not restored.admits(near, np.array([[0.9, 0.1]]), ["Garden", "Audio"])[0]
+    # Artifacts without a gate serve as before.
+    assert OpenSetGate.from_meta({}) is None
+    assert gated(accepted, None, far, sure, roots) == accepted
+
+
+def test_the_margin_gate_refuses_a_narrow_lead_that_clears_the_threshold() -> None:
+    from shelver.worker.open_set import MARGIN, OpenSetGate, gated
+    from shelver.worker.tree import Decision
+
+    val_probs = np.array([[0.99, 0.01, 0.0]] * 19 + [[0.7, 0.3, 0.0]])
+    gate = OpenSetGate.fit(MARGIN, ["A", "B", "C"], None, [], None, val_probs, 0.6, 0.05)
+    assert gate.floor == pytest.approx(np.quantile([0.98] * 19 + [0.4], 0.05))
+    restored = OpenSetGate.from_meta({"open_set": gate.to_meta()})
+    decision = Decision("A", "A", (0.75,))
+    vector = np.zeros(4)
+    assert gated(decision, restored, vector, np.array([0.99, 0.01, 0.0]), ["A", "B", "C"]).accepted
+    # 0.75 clears a 0.6 threshold, but its lead over "B" (0.5) is below the floor.
+    narrow = gated(decision, restored, vector, np.array([0.75, 0.25, 0.0]), ["A", "B", "C"])
+    assert narrow.accepted is None and narrow.candidate == "A"

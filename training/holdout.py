@@ -27,15 +27,22 @@ from shelver.worker.featurize import embed_products
 from shelver.worker.fusion import FusionModel
 from shelver.worker.images import ImageUsage
 from shelver.worker.inputs import ProductContent
+from shelver.worker.open_set import gate_of
 
 
 def score_predictions(
-    y_true: Sequence[str], probs: np.ndarray, model_labels: Sequence[str], threshold: float
+    y_true: Sequence[str],
+    probs: np.ndarray,
+    model_labels: Sequence[str],
+    threshold: float,
+    admitted: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """``training.evaluate.evaluate``, with categories the model lacks scored as misses.
 
     Unknown categories become extra columns of probability zero: never
     predicted, so their rows count as errors and their recall and F1 are 0.
+    ``admitted``: per row, whether the model's open-set gate lets an auto-accept stand
+    (``worker.open_set``); the open-set figures count only those.
     """
     unknown = Counter(y for y in y_true if y not in set(model_labels))
     labels = list(model_labels) + sorted(unknown)
@@ -47,6 +54,14 @@ def score_predictions(
     # would have auto-accepted anyway (necessarily into a wrong category).
     is_unknown = np.array([y in unknown for y in y_true], dtype=bool)
     accepted = probs.max(axis=1) >= threshold
+    if admitted is not None:
+        refused = accepted & ~np.asarray(admitted, dtype=bool)
+        metrics["open_set_gate"] = {
+            "refused": int(refused.sum()),
+            "refused_known": int(refused[~is_unknown].sum()),
+            "coverage": float((accepted & ~refused).mean()),
+        }
+        accepted &= ~refused
     metrics["unknown_auto_accepted"] = (
         float(accepted[is_unknown].mean()) if is_unknown.any() else None
     )
@@ -99,10 +114,14 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
     probs = model.predict(features.inputs)
     tree = model.tree
     paths = [r.category for r in rows if r.category]
+    root_probs = tree.root_probs(probs)
+    gate = gate_of(model)
+    admitted = (
+        None if gate is None else gate.admits(features.inputs.text_emb, root_probs, tree.root_names)
+    )
     metrics = score_predictions(
-        [top_level(path) for path in paths], tree.root_probs(probs), tree.root_names,
-        model.threshold,
-    )  # fmt: skip
+        [top_level(path) for path in paths], root_probs, tree.root_names, model.threshold, admitted
+    )
     nodes = tree.node_probs(probs)
     metrics.update(hierarchical_metrics(paths, [tree.decide(n, []).candidate for n in nodes]))
     metrics["images"] = features.images.as_dict()
