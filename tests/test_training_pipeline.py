@@ -158,6 +158,8 @@ def test_train_report_gate_rollback_and_evaluate(
     assert scores["model"] == "v1"
     assert scores["n"] == len(held_out)
     assert scores["unknown_categories"] == {"Garden": 2}
+    # Open-set safety: the share of the two Garden rows the champion auto-accepts.
+    assert scores["unknown_auto_accepted"] in (0.0, 0.5, 1.0)
     assert scores["per_class"]["Garden"]["recall"] == 0.0
     assert 0.0 < scores["accuracy"] <= (len(held_out) - 2) / len(held_out)
     # Whole paths against the model's leaf candidates: level 1 is the flat figures, and the
