@@ -28,6 +28,7 @@ from shelver.worker.classify import FusionClassifier, classify_products, load_ro
 from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
 from shelver.worker.fusion import FusionModel, sha256_hex
 from shelver.worker.inputs import ModelInputs
+from shelver.worker.open_set import MARGIN, OpenSetGate
 from shelver.worker.runtime import Runtime
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -371,3 +372,31 @@ def test_unsure_at_every_level_goes_to_review_with_the_leaf_candidate(
     # The suggestion a person sees, and the history, are the leaf candidate.
     assert path == history_path == top_k[0]["category"]
     assert path.startswith("Cell Phones > ") and confidence == pytest.approx(leaf, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("floor, status", [(0.0, "classified"), (1.01, "needs_review")])
+def test_the_models_open_set_gate_decides_whether_a_sure_answer_is_auto_accepted(
+    engine: Engine,
+    settings: Settings,
+    encoders,  # noqa: ANN001
+    fixture_data: Path,
+    floor: float,
+    status: str,
+) -> None:
+    """A margin floor above any possible lead refuses every auto-accept; the answer stays
+    as the suggestion. Floor 0 lets the same answer stand."""
+    examples = tree_examples(fixture_data)
+    root, leaf = phone_path_probs(encoders, examples)
+    gate = OpenSetGate(MARGIN, floor, sorted({path.split(" > ")[0] for path in examples}))
+    artifact = centroid_artifact(
+        *encoders,
+        examples,
+        threshold=root,
+        extra_meta={"level_thresholds": [root, leaf - 1e-3], "open_set": gate.to_meta()},
+    )
+    got, path, confidence, top_k, _ = classify_phone(
+        engine, settings, encoders, artifact, level1=root - 1e-6
+    )
+    assert got == status
+    assert path == top_k[0]["category"] and path.startswith("Cell Phones > ")
