@@ -47,6 +47,7 @@ from shelver.training.dataset import TrainingData
 from shelver.training.evaluate import backoff_metrics, choose_level_thresholds, evaluate
 from shelver.training.export import export_artifact
 from shelver.training.hierarchy import hierarchical_metrics
+from shelver.training.open_set import fit_open_set_gate
 from shelver.training.splits import Split, stratified_split
 from shelver.worker.fusion import FusionModel, fusion_inputs
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
@@ -747,6 +748,10 @@ def train(
     )
     threshold = level_thresholds[0]
     log.info("thresholds per level: %s", ", ".join(f"{t:.3f}" for t in level_thresholds))
+    # No auto-accept for a product unlike what its class was trained on (worker.open_set):
+    # its floor is chosen on the validation rows the threshold accepts.
+    open_set = fit_open_set_gate(data, split, fitted.labels, val_probs, threshold)
+    log.info("open-set gate: %s, floor %.4f", open_set.kind, open_set.floor)
 
     test_feeds = fusion_inputs(fitted.vocabulary, test.inputs)
     exported = export_artifact(
@@ -758,6 +763,7 @@ def train(
         extra_meta={
             "target_precision": params.target_precision,
             "level_thresholds": level_thresholds,
+            "open_set": open_set.to_meta(),
         },
     )
     served = FusionModel.from_artifact(exported.artifact, exported.sha256)
@@ -819,6 +825,7 @@ def train(
             extra_meta={
                 "target_precision": params.target_precision,
                 "level_thresholds": level_thresholds,
+                "open_set": open_set.to_meta(),
                 "linear_refit_rows": len(data.labels),
             },
         )
