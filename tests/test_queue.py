@@ -163,3 +163,20 @@ def test_stats_count_claimed_retrying_and_backfill_rows(engine: Engine) -> None:
     assert (figures.depth, figures.claimed, figures.retrying, figures.backfill) == (5, 1, 1, 1)
     assert figures.oldest_age_s is not None and figures.oldest_age_s >= 0
     assert (fresh, bulk, remaining) == (1, 0, 1)
+
+
+def test_each_lanes_claim_reads_only_its_own_lanes_index(engine: Engine) -> None:
+    """A fresh-lane claim must not walk a backfill backlog (nor the reverse): the claim's
+    lane condition, once bound, is the predicate of that lane's partial index."""
+    params = {"limit": 32, "lease": 300, "max_attempts": 5}
+    for bulk, index in ((False, "classification_queue_fresh_ready"),
+                        (True, "classification_queue_backfill_ready")):  # fmt: skip
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL enable_seqscan = off"))
+            conn.execute(text("SET LOCAL enable_bitmapscan = off"))
+            plan = conn.execute(
+                text("EXPLAIN " + queue.CLAIM_SQL.text), {**params, "bulk": bulk}
+            ).scalars()
+            # The rows to claim are found by the CTE's scan; the UPDATE then joins by id (q).
+            scans = [line for line in plan if "Scan" in line and "classification_queue  " in line]
+        assert len(scans) == 1 and f"Index Scan using {index} on" in scans[0], scans
