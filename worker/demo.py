@@ -37,7 +37,6 @@ from shelver.catalog.categories import SEPARATOR
 from shelver.catalog.db import engine_for
 from shelver.catalog.embedded import create_database, embedded_services
 from shelver.catalog.importer import import_file
-from shelver.catalog.migrate import upgrade
 from shelver.catalog.settings import Settings, libpq_url, sqlalchemy_url
 from shelver.worker.errors import EncoderUnavailable
 
@@ -188,6 +187,9 @@ def taxonomy_suggestions(engine: Engine, rows: list[ProductView]) -> int:
 
 def prepare_catalog(settings: Settings, observer: DemoObserver, database_url: str) -> None:
     """Migrate the schema and export the encoders when they are missing."""
+    # Alembic is imported here, not with the CLI that lists this command.
+    from shelver.catalog.migrate import upgrade
+
     upgrade(database_url)
     observer.step("catalog schema migrated (tables, trigger, queue)")
     if not encoders_ready(settings.model_dir):

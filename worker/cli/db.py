@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from shelver.catalog.db import check_connection, get_engine
-from shelver.catalog.migrate import upgrade
 from shelver.catalog.settings import get_settings
 from shelver.worker.cli.terminal import console
 
@@ -17,5 +16,8 @@ def db_upgrade() -> None:
     """Create or migrate the catalog schema (tables, trigger, queue) to the latest version."""
     # Checked first, so an unreachable server is one plain line rather than Alembic's traceback.
     check_connection(get_engine())
+    # Alembic is imported here, not with the CLI: every other command starts faster.
+    from shelver.catalog.migrate import upgrade
+
     upgrade(get_settings().require_database_url())
     console.print("catalog schema is up to date")
