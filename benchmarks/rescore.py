@@ -182,6 +182,9 @@ def main() -> None:
                 "rescored": rescored,
                 "seconds": round(elapsed, 1),
                 "rows_per_s": round(rescored / elapsed),
+                # The command's own figure: from its selection to done, without the
+                # interpreter's start-up.
+                "cli_reported": (result.stdout.strip().splitlines() or [""])[-1],
                 "embeddings_after": new_vectors,
                 "counters_delta": {k: after[k] - before[k] for k in after},
                 "statements": stmts[:20],
