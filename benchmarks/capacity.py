@@ -58,6 +58,7 @@ from pipeline import (  # noqa: E402
     insert,
     latencies,
     pipeline,
+    pipeline_env,
     products,
     register_champion,
     wait_terminal,
@@ -264,16 +265,7 @@ def measure_design(
     register_champion(engine, artifact, "capacity-1")
     logs = args.out.parent / "capacity-logs" / f"{run}-{design}"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "SHELVER_DATABASE_URL": url,
-        "SHELVER_BROKER_URL": broker.url(0),
-        "SHELVER_MODEL_DIR": str(model_dir),
-        "SHELVER_IMAGE_ROOTS": json.dumps([str(DATA)]),
-        "SHELVER_MODEL_POLL_SECONDS": "1",
-        "SHELVER_BENCH_TAG": BENCH_TAG,
-        **worker_env,
-    }
+    env = pipeline_env(url, broker.url(0), model_dir, SHELVER_BENCH_TAG=BENCH_TAG, **worker_env)
     with pipeline(env, pool, args.concurrency, args.threads, logs, worker_args=worker_args):
         insert(engine, products(5, offset=99))
         wait_terminal(engine, timeout=180)

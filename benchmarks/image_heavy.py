@@ -58,6 +58,7 @@ from pipeline import (  # noqa: E402
     insert,
     latencies,
     pipeline,
+    pipeline_env,
     register_champion,
     wait_terminal,
 )
@@ -412,16 +413,7 @@ def main() -> None:
             logs = args.out.parent / "image-heavy-logs"
             logs.mkdir(exist_ok=True)
             port = free_port()
-            env = {
-                **os.environ,
-                "SHELVER_DATABASE_URL": url,
-                "SHELVER_BROKER_URL": broker.url(0),
-                "SHELVER_MODEL_DIR": str(model_dir),
-                # Both photo folders lie under DATA; image_uri is relative to it.
-                "SHELVER_IMAGE_ROOTS": json.dumps([str(DATA)]),
-                "SHELVER_MODEL_POLL_SECONDS": "1",
-                "SHELVER_BENCH_TAG": "image-heavy",
-            }
+            env = pipeline_env(url, broker.url(0), model_dir, SHELVER_BENCH_TAG="image-heavy")
             with pipeline(env, "prefork", args.concurrency, args.threads, logs,
                           worker_args=["--metrics-port", str(port)]):  # fmt: skip
                 insert(engine, sample(labelled, unlabeled, 5, 0.4, "warm", 99))

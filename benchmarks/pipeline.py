@@ -97,6 +97,21 @@ def bare(model_dir: Path, rows: list[dict], artifact: bytes) -> dict:
     }
 
 
+def pipeline_env(database_url: str, broker_url: str, model_dir: Path, **extra: str) -> dict:
+    """The environment of a run's dispatcher and worker: this process's, pointed at the
+    run's own servers and encoders, with photos read from the shared data."""
+    return {
+        **os.environ,
+        "SHELVER_DATABASE_URL": database_url,
+        "SHELVER_BROKER_URL": broker_url,
+        "SHELVER_MODEL_DIR": str(model_dir),
+        # Every set's photos lie under DATA; image_uri is relative to it.
+        "SHELVER_IMAGE_ROOTS": json.dumps([str(DATA)]),
+        "SHELVER_MODEL_POLL_SECONDS": "1",
+        **extra,
+    }
+
+
 @contextlib.contextmanager
 def pipeline(
     env: dict[str, str],

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from capacity import bench_database, db_counters, reset_statements, start_servers  # noqa: E402
 from capacity import statements as statement_stats  # noqa: E402
-from pipeline import DATA, pipeline, register_champion  # noqa: E402
+from pipeline import DATA, pipeline, pipeline_env, register_champion  # noqa: E402
 from support import centroid_artifact, training_titles  # noqa: E402
 
 from shelver.catalog.embeddings import CachedEmbedding, put  # noqa: E402
@@ -148,13 +148,7 @@ def main() -> None:
                 ]
                 put(conn, text_encoder.identity, cached)
             register_champion(engine, second, "rescore-2")
-            env = {
-                **os.environ,
-                "SHELVER_DATABASE_URL": url,
-                "SHELVER_BROKER_URL": broker.url(0),
-                "SHELVER_MODEL_DIR": str(model_dir),
-                "SHELVER_MODEL_POLL_SECONDS": "1",
-            }
+            env = pipeline_env(url, broker.url(0), model_dir)
             logs = args.out.parent / "rescore-logs"
             logs.mkdir(exist_ok=True)
             with pipeline(env, "prefork", args.concurrency, args.threads, logs):
