@@ -113,3 +113,28 @@ def test_evaluate_file_scores_whole_paths_against_a_flat_champion(
     assert tree["precision"] == pytest.approx(metrics["accuracy"])
     assert tree["recall"] == pytest.approx(metrics["accuracy"] * len(rows) / sum(depths))
     assert tree["path_accuracy"] <= sum(d == 1 for d in depths) / len(rows)
+
+
+def test_a_batch_is_decided_row_by_row_as_decide_does(fixture_data: Path) -> None:
+    """decide_rows walks every row down the tree at once; each row's decision must be
+    decide()'s, on a real taxonomy's paths at mixed depths, coarse labels included."""
+    from shelver.worker.tree import LabelTree
+
+    taxonomy = fixture_data.parent / "taxonomies" / "google-product-taxonomy-2021-09-21-head40.txt"
+    paths = [
+        line.split(" - ", 1)[1].strip()
+        for line in taxonomy.read_text(encoding="utf-8").splitlines()
+        if " - " in line and not line.startswith("#")
+    ]
+    tree = LabelTree(paths)
+    assert tree.depth >= 3 and any(tree.self_label[tree.roots] >= 0)
+    rng = np.random.default_rng(0)
+    # Peaked and flat rows, so walks stop at every depth.
+    logits = rng.normal(size=(400, len(paths))) * rng.choice([0.5, 3.0, 8.0], size=(400, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    nodes = tree.node_probs(probs)
+    for thresholds in ([0.5, 0.4, 0.3], [0.9], []):
+        batch = tree.decide_rows(nodes, thresholds)
+        assert batch == [tree.decide(row, thresholds) for row in nodes]
+    depths = {len(d.path_probs) for d in tree.decide_rows(nodes, [0.5])}
+    assert len(depths) >= 3  # the rows really end at different depths

@@ -184,8 +184,8 @@ class FusionClassifier:
             # them: the model's open-set gate, if it has one, withdraws such auto-accepts.
             gate, roots, root_names = gate_of(model), model.tree.roots, model.tree.root_names
             text_emb = features.inputs.text_emb
-            for i, p, n in zip(usable, probs, nodes, strict=True):
-                decision = model.tree.decide(n, self.thresholds)
+            decisions = model.tree.decide_rows(nodes, self.thresholds)
+            for i, p, n, decision in zip(usable, probs, nodes, decisions, strict=True):
                 decision = gated(decision, gate, text_emb[i], n[roots], root_names)
                 outcome = outcomes[i]
                 outcome.accepted = decision.accepted is not None

@@ -20,6 +20,7 @@ API:
     nodes = tree.node_probs(probs)                 # (n, len(tree.nodes))
     tops = tree.root_probs(probs)                  # (n, len(tree.root_names))
     decision = tree.decide(nodes[i], thresholds)   # thresholds[0] is level 1's
+    decisions = tree.decide_rows(nodes, thresholds)  # the same for every row, at once
     decision.candidate, decision.accepted, decision.path_probs
 """
 
@@ -75,6 +76,12 @@ class LabelTree:
             if len(n) > 1:
                 children[index[n[:-1]]].append(index[n])
         self.children = [np.array(c, dtype=np.int64) for c in children]
+        # The same children as one (nodes, most children) matrix, padded with -1, for
+        # walking every row of a batch down the tree at once (``decide_rows``).
+        widest = max((len(c) for c in children), default=0)
+        self._kids = np.full((len(nodes), max(1, widest)), -1, dtype=np.int64)
+        for j, c in enumerate(children):
+            self._kids[j, : len(c)] = c
         # Sorted paths keep every subtree contiguous: node j's descendants are nodes
         # j+1 .. j+size[j]-1. With the labels ordered by their node, the labels at or
         # below node j are one run, [lo[j], hi[j]), so a cumulative sum over the
@@ -122,11 +129,49 @@ class LabelTree:
             path.append(best)
         return path
 
+    def candidate_paths(self, node_probs: np.ndarray) -> list[list[int]]:
+        """``candidate_path`` of every row of ``node_probs`` (n, nodes), one level at a time
+        for all rows together."""
+        node_probs = np.asarray(node_probs, dtype=np.float64)
+        rows = np.arange(len(node_probs))
+        current = self.roots[np.argmax(node_probs[:, self.roots], axis=1)]
+        paths = [[int(node)] for node in current]
+        walking = np.ones(len(rows), dtype=bool)
+        for _ in range(self.depth - 1):
+            kids = self._kids[current]
+            valid = kids >= 0
+            walking &= valid[:, 0]
+            if not walking.any():
+                break
+            kid_probs = np.where(valid, node_probs[rows[:, None], np.maximum(kids, 0)], -np.inf)
+            column = kid_probs.argmax(axis=1)
+            best, best_p = kids[rows, column], kid_probs[rows, column]
+            below = np.where(valid, kid_probs, 0.0).sum(axis=1)
+            own = np.where(self.self_label[current] >= 0, node_probs[rows, current] - below, 0.0)
+            # Stop where the product is more likely this node itself than any one child.
+            walking &= ~(own >= best_p)
+            for r in np.flatnonzero(walking):
+                paths[r].append(int(best[r]))
+            current = np.where(walking, best, current)
+        return paths
+
+    def decide_rows(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> list[Decision]:
+        """``decide`` for every row of ``node_probs`` (n, nodes): what a worker's batch uses."""
+        node_probs = np.asarray(node_probs, dtype=np.float64)
+        return [
+            self._decision(path, row, thresholds)
+            for path, row in zip(self.candidate_paths(node_probs), node_probs, strict=True)
+        ]
+
     def decide(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> Decision:
         """The leaf candidate and the deepest node of its path that meets its level's
         threshold, accepting from the root down (a level past ``thresholds`` is never
         accepted: nothing was measured there)."""
-        path = self.candidate_path(node_probs)
+        return self._decision(self.candidate_path(node_probs), node_probs, thresholds)
+
+    def _decision(
+        self, path: list[int], node_probs: np.ndarray, thresholds: Sequence[float]
+    ) -> Decision:
         probs = tuple(float(node_probs[i]) for i in path)
         accepted = None
         for level, (node, p) in enumerate(zip(path, probs, strict=True)):

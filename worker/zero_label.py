@@ -324,7 +324,12 @@ class KnownBackoffTree(LabelTree):
         self.known_nodes = known_nodes
 
     def decide(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> Decision:
-        decision = super().decide(node_probs, thresholds)
+        return self._known(super().decide(node_probs, thresholds))
+
+    def decide_rows(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> list[Decision]:
+        return [self._known(d) for d in super().decide_rows(node_probs, thresholds)]
+
+    def _known(self, decision: Decision) -> Decision:
         accepted = decision.accepted
         while accepted is not None and accepted not in self.known_nodes:
             parts = path_parts(accepted)
