@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import psutil
 import pytest
 import yaml
 from sqlalchemy import Engine
-from support import insert, scalar, worker_env
+from support import insert, scalar, stop, worker_env
 
 from shelver.catalog.settings import Settings
 from shelver.training.bundle import register_bundled
@@ -109,13 +108,7 @@ def test_compose_worker_answers_its_healthcheck_and_runs_the_threads_asked_for(
             logs = log_path.read_text(errors="replace")
         assert f"onnxruntime intra-op threads per session: {THREADS}" in logs, logs
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+        stop(worker)
 
 
 def shared_anonymous_bytes(pid: int) -> int:
@@ -214,12 +207,4 @@ def test_prefork_pool_processes_share_the_encoders_the_main_process_loaded(
         assert "loaded in the main process" in log
         assert "using the encoders loaded by the main process" in log
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(*procs)

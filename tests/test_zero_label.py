@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from support import (
     insert_products,
     register_champion,
     scalar,
+    stop,
     training_titles,
 )
 
@@ -339,14 +339,7 @@ def test_a_worker_without_a_champion_sends_taxonomy_suggestions_to_review(
             assert time.monotonic() < deadline, f"products still pending\n{logs}"
             time.sleep(0.5)
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(*processes)
     with engine.connect() as conn:
         rows = conn.execute(
             text(
