@@ -44,7 +44,6 @@ from shelver.worker.fusion import (
 )
 from shelver.worker.inputs import ModelInputs, ProductContent, UnknownTextPacking, pack_texts
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, analyze, fit_vocabulary
-from shelver.worker.open_set import gate_of
 
 BLOCKS = {"w": 0, "c": 1, "nw": 2, "nc": 3}
 
@@ -126,9 +125,9 @@ def test_training_exports_an_artifact_that_matches_keras(trained):
     assert model.meta["text_packing"] == model.text_packing == "name. description"
     assert 0.0 <= result.metrics["linear_weight"] <= 1.0
     # The open-set gate travels with the served model, its floor chosen on validation.
-    gate = gate_of(model)
+    gate = model.open_set
     assert gate is not None and gate.roots == LABELS and 0.0 <= gate.floor <= 1.0
-    assert gate_of(FusionModel.from_artifact(result.eval_artifact, result.eval_sha256)) == gate
+    assert FusionModel.from_artifact(result.eval_artifact, result.eval_sha256).open_set == gate
     # Even four epochs learn this easy task: served predictions are mostly right.
     test = data.subset(result.split.test)
     probs = model.predict(test.inputs)

@@ -51,17 +51,17 @@ def test_the_prototype_gate_refuses_an_accept_far_from_its_class_and_survives_me
     near, far = _cluster(rng, audio, 1, 0.05)[0], _cluster(rng, garden, 1, 0.05)[0]
     accepted = Decision("Audio > Headphones", "Audio", (0.97, 0.6))
     sure = np.array([0.97, 0.03])
-    assert gated(accepted, restored, near, sure, roots) == accepted
+    assert gated([accepted], restored, near[None], sure[None], roots) == [accepted]
     # A garden product the model put in Audio with 0.97: the suggestion stays, the
     # auto-accept goes.
-    refused = gated(accepted, restored, far, sure, roots)
+    [refused] = gated([accepted], restored, far[None], sure[None], roots)
     assert (refused.candidate, refused.accepted) == ("Audio > Headphones", None)
     # A merged model's columns: named, not positional; a top level it never knew is refused.
-    assert gated(accepted, restored, near, sure[::-1], roots[::-1]) == accepted
+    assert gated([accepted], restored, near[None], sure[None, ::-1], roots[::-1]) == [accepted]
     assert not restored.admits(near, np.array([[0.9, 0.1]]), ["Garden", "Audio"])[0]
     # Artifacts without a gate serve as before.
     assert OpenSetGate.from_meta({}) is None
-    assert gated(accepted, None, far, sure, roots) == accepted
+    assert gated([accepted], None, far[None], sure[None], roots) == [accepted]
 
 
 def test_the_margin_gate_refuses_a_narrow_lead_that_clears_the_threshold() -> None:
@@ -73,8 +73,11 @@ def test_the_margin_gate_refuses_a_narrow_lead_that_clears_the_threshold() -> No
     assert gate.floor == pytest.approx(np.quantile([0.98] * 19 + [0.4], 0.05))
     restored = OpenSetGate.from_meta({"open_set": gate.to_meta()})
     decision = Decision("A", "A", (0.75,))
-    vector = np.zeros(4)
-    assert gated(decision, restored, vector, np.array([0.99, 0.01, 0.0]), ["A", "B", "C"]).accepted
+    vectors = np.zeros((2, 4))
     # 0.75 clears a 0.6 threshold, but its lead over "B" (0.5) is below the floor.
-    narrow = gated(decision, restored, vector, np.array([0.75, 0.25, 0.0]), ["A", "B", "C"])
+    sure, narrow = gated(
+        [decision, decision], restored, vectors, np.array([[0.99, 0.01, 0.0], [0.75, 0.25, 0.0]]),
+        ["A", "B", "C"],
+    )  # fmt: skip
+    assert sure.accepted
     assert narrow.accepted is None and narrow.candidate == "A"

@@ -27,7 +27,6 @@ from shelver.worker.featurize import embed_products
 from shelver.worker.fusion import FusionModel
 from shelver.worker.images import ImageUsage
 from shelver.worker.inputs import ProductContent
-from shelver.worker.open_set import gate_of
 
 
 def score_predictions(
@@ -115,7 +114,7 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
     tree = model.tree
     paths = [r.category for r in rows if r.category]
     root_probs = tree.root_probs(probs)
-    gate = gate_of(model)
+    gate = model.open_set
     admitted = (
         None if gate is None else gate.admits(features.inputs.text_emb, root_probs, tree.root_names)
     )

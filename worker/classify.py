@@ -29,7 +29,7 @@ from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.featurize import embed_products
 from shelver.worker.images import ImageSettings, ImageUsage
 from shelver.worker.inputs import ProductContent
-from shelver.worker.open_set import gate_of, gated
+from shelver.worker.open_set import gated
 from shelver.worker.tree import LabelTree
 
 log = logging.getLogger(__name__)
@@ -182,11 +182,14 @@ class FusionClassifier:
             nodes = model.tree.node_probs(probs)
             # An answer among the classes the model knows can still be a product of none of
             # them: the model's open-set gate, if it has one, withdraws such auto-accepts.
-            gate, roots, root_names = gate_of(model), model.tree.roots, model.tree.root_names
-            text_emb = features.inputs.text_emb
-            decisions = model.tree.decide_rows(nodes, self.thresholds)
+            decisions = gated(
+                model.tree.decide_rows(nodes, self.thresholds),
+                model.open_set,
+                features.inputs.text_emb[usable],
+                nodes[:, model.tree.roots],
+                model.tree.root_names,
+            )
             for i, p, n, decision in zip(usable, probs, nodes, decisions, strict=True):
-                decision = gated(decision, gate, text_emb[i], n[roots], root_names)
                 outcome = outcomes[i]
                 outcome.accepted = decision.accepted is not None
                 if outcome.accepted:

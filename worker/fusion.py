@@ -25,6 +25,7 @@ API:
     probs = model.predict(inputs)        # a worker.inputs.ModelInputs -> (n, K)
     model.labels, model.threshold, model.text_packing, model.meta
     model.tree, model.level_thresholds   # backoff over the label paths (worker.tree)
+    model.open_set                       # its open-set gate (worker.open_set), or None
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import onnxruntime as ort
 
 from shelver.worker.inputs import ModelInputs, UnknownTextPacking, text_packing_name
 from shelver.worker.lexical import PAD_ID, LexicalVocabulary
+from shelver.worker.open_set import OpenSetGate
 from shelver.worker.tree import LabelTree
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,9 @@ class FusionModel:
         self.text_packing: str = text_packing_name(meta["text_packing"])
         lexical = meta.get("lexical")
         self.vocabulary = LexicalVocabulary.from_json(lexical) if lexical else None
+        # No auto-accept for a product unlike its class's training rows (worker.open_set);
+        # None for artifacts without one.
+        self.open_set = OpenSetGate.from_meta(meta)
         self._inputs = [i.name for i in session.get_inputs()]
 
     @classmethod
@@ -183,7 +188,10 @@ class FusionModel:
             session = _session_from_file(data, options)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
             raise ArtifactRejected(f"model.onnx does not load: {exc}") from exc
-        model = cls(session, meta)
+        try:
+            model = cls(session, meta)
+        except ValueError as exc:  # meta.json this worker cannot read (e.g. an unknown gate)
+            raise ArtifactRejected(str(exc)) from exc
         outputs = session.get_outputs()[0].shape
         if outputs[-1] != len(model.labels):
             raise ArtifactRejected(

@@ -16,15 +16,15 @@ took the share of absent-category rows auto-accepted from 0.12-0.41 to 0.003-0.0
 5.6-10.8 points of coverage of the known rows (docs/cold_start.md).
 
 Stored in the artifact's ``meta.json`` under ``open_set`` (``to_meta``), read back by
-``OpenSetGate.from_meta`` (None when an artifact has none: older artifacts serve as
-before). ``training.open_set.fit_open_set_gate`` fits it where training picks the
-threshold; ``gated`` applies it to one ``worker.tree`` decision.
+``OpenSetGate.from_meta`` when a model loads (``FusionModel.open_set``; None when an
+artifact has none: older artifacts serve as before). ``training.open_set.fit_open_set_gate``
+fits it where training picks the threshold; ``gated`` applies it to a batch's
+``worker.tree`` decisions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -187,29 +187,20 @@ class OpenSetGate:
 
 
 def gated(
-    decision: Decision,
+    decisions: Sequence[Decision],
     gate: OpenSetGate | None,
-    text_vector: np.ndarray,
+    text_emb: np.ndarray,
     root_probs: np.ndarray,
     root_names: Sequence[str],
-) -> Decision:
-    """``decision`` with its auto-accept withdrawn when ``gate`` refuses the product (the
-    candidate stays: it is what the reviewer sees suggested). ``root_probs``: the row's
-    top-level probabilities, named by ``root_names``."""
-    if gate is None or decision.accepted is None:
-        return decision
-    if gate.admits(text_vector, root_probs, root_names)[0]:
-        return decision
-    return Decision(decision.candidate, None, decision.path_probs)
-
-
-_gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def gate_of(model) -> OpenSetGate | None:  # noqa: ANN001 - a FusionModel or MergedModel
-    """The gate stored in ``model``'s meta.json, read once per loaded model."""
-    try:
-        return _gates[model]
-    except KeyError:
-        gate = _gates[model] = OpenSetGate.from_meta(getattr(model, "meta", None) or {})
-        return gate
+) -> list[Decision]:
+    """``decisions`` (one per row) with the auto-accepts ``gate`` refuses withdrawn; the
+    candidate stays: it is what the reviewer sees suggested. ``text_emb`` and
+    ``root_probs`` (the rows' top-level probabilities, named by ``root_names``) are the
+    same rows', so the gate judges the whole batch at once."""
+    if gate is None:
+        return list(decisions)
+    admitted = gate.admits(text_emb, root_probs, root_names)
+    return [
+        d if d.accepted is None or ok else Decision(d.candidate, None, d.path_probs)
+        for d, ok in zip(decisions, admitted, strict=True)
+    ]

@@ -390,6 +390,7 @@ class MergedModel:
         self.level_thresholds = champion_model.level_thresholds
         self.text_packing = champion_model.text_packing
         self.meta = champion_model.meta
+        self.open_set = champion_model.open_set
 
     def predict(self, inputs: ModelInputs) -> np.ndarray:
         trained = self.champion_model.predict(inputs)
