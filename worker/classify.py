@@ -9,7 +9,6 @@ together. One bad row never fails its batch; it ends ``failed`` with a reason.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -113,7 +112,7 @@ def top_k(
 ) -> list[dict]:
     """The leaf candidate, then the most probable other labels: ``k`` paths, each with
     its node probability (itself and everything below it)."""
-    index = _node_index(tree)
+    index = tree.node_index
     # The k most probable labels hold the k - 1 best others whether or not the
     # candidate is among them; a partial sort keeps this cheap at thousands of labels.
     best = np.argpartition(-probs, k - 1)[:k] if len(probs) > k else np.arange(len(probs))
@@ -123,12 +122,6 @@ def top_k(
         {"category": path, "p": round(float(node_probs[index[path]]), 6)}
         for path in [candidate, *others][:k]
     ]
-
-
-@functools.lru_cache(maxsize=8)
-def _node_index(tree: LabelTree) -> dict[str, int]:
-    """Node path -> column of ``tree.node_probs``, once per tree (trees are per model)."""
-    return {node: i for i, node in enumerate(tree.nodes)}
 
 
 class FusionClassifier:

@@ -63,6 +63,8 @@ class LabelTree:
         parts = [path_parts(label) for label in self.labels]
         nodes = sorted({p[:d] for p in parts for d in range(1, len(p) + 1)})
         self.nodes = [SEPARATOR.join(n) for n in nodes]
+        # Node path -> its column in ``node_probs``.
+        self.node_index = {node: i for i, node in enumerate(self.nodes)}
         index = {n: i for i, n in enumerate(nodes)}
         self.depth = max((len(p) for p in parts), default=1)
         self.level = np.array([len(n) for n in nodes], dtype=np.int64)
