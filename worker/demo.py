@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import psycopg2
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from shelver.catalog import queue
 from shelver.catalog.categories import SEPARATOR
@@ -147,9 +147,12 @@ def run_demo(
 def load_demo_taxonomy(engine: Engine, observer: DemoObserver, path: Path = DEMO_TAXONOMY) -> None:
     """Import the demo's taxonomy and say how much of it the champion never learned."""
     from shelver.catalog.taxonomy import import_taxonomy
+    from shelver.worker.zero_label import category_paths
 
     report = import_taxonomy(engine, path)
-    unseen = unlearned_paths(engine, _catalog_paths(engine))
+    with engine.connect() as conn:
+        paths = category_paths(conn)
+    unseen = unlearned_paths(engine, paths)
     roots = sorted(p for p in unseen if SEPARATOR not in p)
     observer.step(
         f"taxonomy loaded: {report.nodes} categories of Best Buy's 2016 tree ({report.added} new); "
@@ -159,11 +162,6 @@ def load_demo_taxonomy(engine: Engine, observer: DemoObserver, path: Path = DEMO
         "the worker also suggests those from their names (SHELVER_ZERO_LABEL_MERGE=1 for the "
         "demo's worker); such suggestions always wait for review"
     )
-
-
-def _catalog_paths(engine: Engine) -> list[str]:
-    with engine.connect() as conn:
-        return list(conn.execute(text("SELECT path FROM categories")).scalars())
 
 
 def unlearned_paths(engine: Engine, paths: list[str]) -> set[str]:
