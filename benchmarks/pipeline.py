@@ -38,7 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tests"))  # the small real champion the tests register
 
-from support import centroid_artifact, register_champion, training_titles  # noqa: E402
+from support import (  # noqa: E402
+    centroid_artifact,
+    register_champion,
+    shelver_env,
+    training_titles,
+)
 
 from shelver.catalog.embedded import create_database  # noqa: E402
 from shelver.catalog.migrate import upgrade  # noqa: E402
@@ -98,18 +103,9 @@ def bare(model_dir: Path, rows: list[dict], artifact: bytes) -> dict:
 
 
 def pipeline_env(database_url: str, broker_url: str, model_dir: Path, **extra: str) -> dict:
-    """The environment of a run's dispatcher and worker: this process's, pointed at the
-    run's own servers and encoders, with photos read from the shared data."""
-    return {
-        **os.environ,
-        "SHELVER_DATABASE_URL": database_url,
-        "SHELVER_BROKER_URL": broker_url,
-        "SHELVER_MODEL_DIR": str(model_dir),
-        # Every set's photos lie under DATA; image_uri is relative to it.
-        "SHELVER_IMAGE_ROOTS": json.dumps([str(DATA)]),
-        "SHELVER_MODEL_POLL_SECONDS": "1",
-        **extra,
-    }
+    """The environment of a run's dispatcher and worker: the run's own servers and
+    encoders, with photos read from the shared data (every set's lie under DATA)."""
+    return shelver_env(database_url, broker_url, model_dir, DATA, **extra)
 
 
 @contextlib.contextmanager

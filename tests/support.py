@@ -192,14 +192,12 @@ def empty_catalog(engine: Engine) -> None:
         conn.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
 
 
-def worker_env(
+def shelver_env(
     database_url: str, broker_url: str, model_dir: Path, image_root: Path, **overrides: str
 ) -> dict[str, str]:
-    """The environment of a real shelver process in a test: our servers, encoders and images.
-
-    Polls are fast so tests see a promotion or a queued row within a second;
-    ``overrides`` takes further SHELVER_* settings (or TMPDIR) by their variable names.
-    """
+    """The environment of a real shelver process: these servers, encoders and images, the
+    champion looked for every second; ``overrides`` takes further SHELVER_* settings (or
+    TMPDIR) by their variable names. Benchmarks start their processes with it too."""
     return {
         **os.environ,
         "SHELVER_DATABASE_URL": database_url,
@@ -207,9 +205,19 @@ def worker_env(
         "SHELVER_MODEL_DIR": str(model_dir),
         "SHELVER_IMAGE_ROOTS": json.dumps([str(image_root)]),
         "SHELVER_MODEL_POLL_SECONDS": "1",
-        "SHELVER_POLL_SECONDS": "1",
         **overrides,
     }
+
+
+def worker_env(
+    database_url: str, broker_url: str, model_dir: Path, image_root: Path, **overrides: str
+) -> dict[str, str]:
+    """``shelver_env`` for a test: the dispatcher polls every second too, so tests see a
+    promotion or a queued row within a second."""
+    return shelver_env(
+        database_url, broker_url, model_dir, image_root,
+        **{"SHELVER_POLL_SECONDS": "1", **overrides},
+    )  # fmt: skip
 
 
 SHELVER = [sys.executable, "-m", "shelver.worker"]
