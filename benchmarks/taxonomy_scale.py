@@ -183,8 +183,8 @@ def leaf_accuracy(true_paths: list[str], probs: np.ndarray, labels: list[str]) -
     tree = LabelTree(labels)
     nodes = tree.node_probs(probs)
     hits = [
-        tree.nodes[tree.candidate_path(row)[-1]] == t
-        for row, t in zip(nodes, true_paths, strict=True)
+        tree.nodes[path[-1]] == t
+        for path, t in zip(tree.candidate_paths(nodes), true_paths, strict=True)
     ]
     return float(np.mean(hits))
 
@@ -240,7 +240,7 @@ def serve(artifact_path: Path, rows_path: Path, batches: int) -> dict:
         t2 = time.perf_counter()
         nodes = model.tree.node_probs(probs)
         t3 = time.perf_counter()
-        decisions = [model.tree.decide(n, thresholds) for n in nodes]
+        decisions = model.tree.decide_rows(nodes, thresholds)
         t4 = time.perf_counter()
         for p, n, d in zip(probs, nodes, decisions, strict=True):
             top_k(p, n, model.tree, d.candidate)

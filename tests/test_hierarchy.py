@@ -115,10 +115,26 @@ def test_evaluate_file_scores_whole_paths_against_a_flat_champion(
     assert tree["path_accuracy"] <= sum(d == 1 for d in depths) / len(rows)
 
 
-def test_a_batch_is_decided_row_by_row_as_decide_does(fixture_data: Path) -> None:
-    """decide_rows walks every row down the tree at once; each row's decision must be
-    decide()'s, on a real taxonomy's paths at mixed depths, coarse labels included."""
-    from shelver.worker.tree import LabelTree
+def candidate_path(tree, node_probs: np.ndarray) -> list[int]:  # noqa: ANN001
+    """The leaf candidate's walk for one row, as the tree's docstring defines it: from the
+    most probable root, each time to the most probable child, stopping where the label at
+    this node is more likely than any one child."""
+    path = [int(tree.roots[np.argmax(node_probs[tree.roots])])]
+    while len(tree.children[path[-1]]):
+        kids = tree.children[path[-1]]
+        best = int(kids[np.argmax(node_probs[kids])])
+        own = node_probs[path[-1]] - node_probs[kids].sum() if tree.self_label[path[-1]] >= 0 else 0
+        if own >= node_probs[best]:
+            break
+        path.append(best)
+    return path
+
+
+def test_a_batch_is_decided_row_by_row_as_the_walk_defines(fixture_data: Path) -> None:
+    """decide_rows walks every row down the tree at once; each row's decision must be the
+    one-row walk's, with backoff from the root, on a real taxonomy's paths at mixed depths,
+    coarse labels included."""
+    from shelver.worker.tree import Decision, LabelTree
 
     taxonomy = fixture_data.parent / "taxonomies" / "google-product-taxonomy-2021-09-21-head40.txt"
     paths = [
@@ -133,8 +149,18 @@ def test_a_batch_is_decided_row_by_row_as_decide_does(fixture_data: Path) -> Non
     logits = rng.normal(size=(400, len(paths))) * rng.choice([0.5, 3.0, 8.0], size=(400, 1))
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     nodes = tree.node_probs(probs)
+
+    def one_row(row: np.ndarray, thresholds: list[float]) -> Decision:
+        path = candidate_path(tree, row)
+        p = tuple(float(row[i]) for i in path)
+        sure = 0
+        while sure < min(len(path), len(thresholds)) and p[sure] >= thresholds[sure]:
+            sure += 1
+        return Decision(tree.nodes[path[-1]], tree.nodes[path[sure - 1]] if sure else None, p)
+
     for thresholds in ([0.5, 0.4, 0.3], [0.9], []):
         batch = tree.decide_rows(nodes, thresholds)
-        assert batch == [tree.decide(row, thresholds) for row in nodes]
+        assert batch == [one_row(row, thresholds) for row in nodes]
+        assert tree.decide(nodes[7], thresholds) == batch[7]
     depths = {len(d.path_probs) for d in tree.decide_rows(nodes, [0.5])}
     assert len(depths) >= 3  # the rows really end at different depths

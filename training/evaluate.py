@@ -132,7 +132,7 @@ def choose_level_thresholds(
     tree = LabelTree(labels)
     nodes = tree.node_probs(probs)
     truths = [path_parts(t) for t in true_paths]
-    paths = [tree.candidate_path(row) for row in nodes]
+    paths = tree.candidate_paths(nodes)
     open_rows = np.ones(len(truths), dtype=bool)
     thresholds: list[float] = []
     for level in range(1, tree.depth + 1):
@@ -165,7 +165,7 @@ def backoff_metrics(
     reaches the level), and the share left for review. JSON-able."""
     tree = LabelTree(labels)
     nodes = tree.node_probs(probs)
-    decisions = [tree.decide(row, thresholds) for row in nodes]
+    decisions = tree.decide_rows(nodes, thresholds)
     truths = [path_parts(t) for t in true_paths]
     levels = {}
     for level in range(1, len(thresholds) + 1):

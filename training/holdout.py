@@ -122,7 +122,7 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
         [top_level(path) for path in paths], root_probs, tree.root_names, model.threshold, admitted
     )
     nodes = tree.node_probs(probs)
-    metrics.update(hierarchical_metrics(paths, [tree.decide(n, []).candidate for n in nodes]))
+    metrics.update(hierarchical_metrics(paths, [d.candidate for d in tree.decide_rows(nodes, [])]))
     metrics["images"] = features.images.as_dict()
     metrics["warnings"] = [w for w in [features.images.text_only_warning()] if w]
     return FileEvaluation(metrics, report, features.images)

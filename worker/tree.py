@@ -19,8 +19,8 @@ API:
     tree = LabelTree(labels)                       # labels: paths, columns of the softmax
     nodes = tree.node_probs(probs)                 # (n, len(tree.nodes))
     tops = tree.root_probs(probs)                  # (n, len(tree.root_names))
-    decision = tree.decide(nodes[i], thresholds)   # thresholds[0] is level 1's
-    decisions = tree.decide_rows(nodes, thresholds)  # the same for every row, at once
+    decisions = tree.decide_rows(nodes, thresholds)  # thresholds[0] is level 1's
+    decision = tree.decide(nodes[i], thresholds)     # one row
     decision.candidate, decision.accepted, decision.path_probs
 """
 
@@ -117,23 +117,9 @@ class LabelTree:
         """(n, len(roots)): the top-level distribution, columns in ``root_names`` order."""
         return self.node_probs(probs)[:, self.roots]
 
-    def candidate_path(self, node_probs: np.ndarray) -> list[int]:
-        """Node ids from the most probable root down to the leaf candidate."""
-        path = [int(self.roots[np.argmax(node_probs[self.roots])])]
-        while len(self.children[path[-1]]):
-            kids = self.children[path[-1]]
-            best = int(kids[np.argmax(node_probs[kids])])
-            here = self.self_label[path[-1]]
-            own = node_probs[path[-1]] - node_probs[kids].sum() if here >= 0 else 0.0
-            # Stop where the product is more likely this node itself than any one child.
-            if own >= node_probs[best]:
-                break
-            path.append(best)
-        return path
-
     def candidate_paths(self, node_probs: np.ndarray) -> list[list[int]]:
-        """``candidate_path`` of every row of ``node_probs`` (n, nodes), one level at a time
-        for all rows together."""
+        """Per row of ``node_probs`` (n, nodes): node ids from the most probable root down
+        to the leaf candidate, walked one level at a time for all rows together."""
         node_probs = np.asarray(node_probs, dtype=np.float64)
         rows = np.arange(len(node_probs))
         current = self.roots[np.argmax(node_probs[:, self.roots], axis=1)]
@@ -158,7 +144,9 @@ class LabelTree:
         return paths
 
     def decide_rows(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> list[Decision]:
-        """``decide`` for every row of ``node_probs`` (n, nodes): what a worker's batch uses."""
+        """Per row of ``node_probs`` (n, nodes): the leaf candidate and the deepest node of
+        its path that meets its level's threshold, accepting from the root down (a level
+        past ``thresholds`` is never accepted: nothing was measured there)."""
         node_probs = np.asarray(node_probs, dtype=np.float64)
         return [
             self._decision(path, row, thresholds)
@@ -166,10 +154,8 @@ class LabelTree:
         ]
 
     def decide(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> Decision:
-        """The leaf candidate and the deepest node of its path that meets its level's
-        threshold, accepting from the root down (a level past ``thresholds`` is never
-        accepted: nothing was measured there)."""
-        return self._decision(self.candidate_path(node_probs), node_probs, thresholds)
+        """``decide_rows`` of one row of node probabilities."""
+        return self.decide_rows(np.asarray(node_probs)[None, :], thresholds)[0]
 
     def _decision(
         self, path: list[int], node_probs: np.ndarray, thresholds: Sequence[float]

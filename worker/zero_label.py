@@ -323,9 +323,6 @@ class KnownBackoffTree(LabelTree):
         super().__init__(labels)
         self.known_nodes = known_nodes
 
-    def decide(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> Decision:
-        return self._known(super().decide(node_probs, thresholds))
-
     def decide_rows(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> list[Decision]:
         return [self._known(d) for d in super().decide_rows(node_probs, thresholds)]
 
