@@ -149,17 +149,16 @@ def statements(engine: Engine, skip: tuple[str, ...]) -> list[dict]:
 BENCH_TAG = f"capacity-{os.getpid()}"
 
 
-def worker_rss() -> dict:
-    """RSS and PSS (shared pages split between processes) of this run's `shelver worker` tree."""
+def worker_rss(tag: str = BENCH_TAG) -> dict:
+    """RSS and PSS (shared pages split between processes) of the `shelver worker` tree whose
+    environment carries SHELVER_BENCH_TAG ``tag`` (this run's); {} when there is none."""
     found = {}
 
     def is_worker(proc: psutil.Process) -> bool:
         return "-m shelver.worker worker" in " ".join(proc.cmdline() or [])
 
     for proc in psutil.process_iter(["pid", "environ"]):
-        if (proc.info["environ"] or {}).get("SHELVER_BENCH_TAG") != BENCH_TAG or not is_worker(
-            proc
-        ):
+        if (proc.info["environ"] or {}).get("SHELVER_BENCH_TAG") != tag or not is_worker(proc):
             continue
         # Pool processes are forks with the parent's command line; start from the parent.
         if proc.parent() is not None and is_worker(proc.parent()):

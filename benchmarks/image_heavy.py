@@ -36,22 +36,18 @@ import io
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import psutil
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from capacity import bench_database, start_servers  # noqa: E402
+from capacity import bench_database, start_servers, worker_rss  # noqa: E402
 from pipeline import (  # noqa: E402
     DATA,
     bare,
@@ -62,6 +58,7 @@ from pipeline import (  # noqa: E402
     register_champion,
     wait_terminal,
 )
+from support import free_port, scrape  # noqa: E402
 
 from shelver.catalog.settings import Settings  # noqa: E402
 from shelver.worker.encoders import (  # noqa: E402
@@ -249,28 +246,28 @@ def kind(row: dict) -> str:
     return row["sku"].split("-")[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Marks this run's worker processes in their environment, so memory is read off them only.
+BENCH_TAG = f"image-heavy-{os.getpid()}"
+
+
+def pool_memory() -> dict:
+    """RSS and PSS of this run's worker and its pool processes."""
+    return worker_rss(BENCH_TAG) or {"error": "no worker process of this run found"}
 
 
 def stage_totals(port: int) -> dict[str, dict[str, float]]:
     """Seconds and observations per classify stage and per batch, summed over the worker's pool."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        body = response.read().decode()
     totals: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(body):
-        if family.name not in ("shelver_stage_duration_seconds", "shelver_batch_duration_seconds"):
+    for (name, labels), value in scrape(port).items():
+        family, _, part = name.rpartition("_")
+        if part not in ("sum", "count") or family not in (
+            "shelver_stage_duration_seconds", "shelver_batch_duration_seconds"
+        ):  # fmt: skip
             continue
-        for s in family.samples:
-            if s.name.endswith(("_sum", "_count")):
-                key = (
-                    s.labels.get("stage")
-                    or f"batch_{s.labels.get('lane')}_{s.labels.get('outcome')}"
-                )
-                slot = totals.setdefault(key, {"seconds": 0.0, "count": 0.0})
-                slot["seconds" if s.name.endswith("_sum") else "count"] += s.value
+        label = dict(labels)
+        key = label.get("stage") or f"batch_{label.get('lane')}_{label.get('outcome')}"
+        slot = totals.setdefault(key, {"seconds": 0.0, "count": 0.0})
+        slot["seconds" if part == "sum" else "count"] += value
     return totals
 
 
@@ -303,24 +300,6 @@ def outcomes(engine: Engine, prefix: str) -> dict:
     for kind_, state, n, _ in rows:
         status.setdefault("bestbuy" if kind_ == "bb" else "photo_only", {})[state] = n
     return {"status": status, "image_not_used": sum(refused for *_, refused in rows)}
-
-
-def pool_memory(port: int) -> dict:
-    """RSS and PSS of this run's worker (the one serving ``port``) and its pool processes."""
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "shelver.worker worker" in cmdline and f"--metrics-port {port}" in cmdline:
-            parent = proc.parent()
-            if parent is not None and f"--metrics-port {port}" in " ".join(parent.cmdline()):
-                continue  # a pool process: start from the worker's main process
-            tree = [proc, *proc.children(recursive=True)]
-            pss = [round(p.memory_full_info().pss / 2**20) for p in tree]
-            return {
-                "rss_mb": [round(p.memory_info().rss / 2**20) for p in tree],
-                "pss_mb": pss,
-                "pss_total_mb": sum(pss),
-            }
-    return {"error": f"no worker process serving metrics on port {port} found"}
 
 
 def paced(engine: Engine, rows: list[dict], rate: float, tag: str) -> dict:
@@ -413,7 +392,7 @@ def main() -> None:
             logs = args.out.parent / "image-heavy-logs"
             logs.mkdir(exist_ok=True)
             port = free_port()
-            env = pipeline_env(url, broker.url(0), model_dir, SHELVER_BENCH_TAG="image-heavy")
+            env = pipeline_env(url, broker.url(0), model_dir, SHELVER_BENCH_TAG=BENCH_TAG)
             with pipeline(env, "prefork", args.concurrency, args.threads, logs,
                           worker_args=["--metrics-port", str(port)]):  # fmt: skip
                 insert(engine, sample(labelled, unlabeled, 5, 0.4, "warm", 99))
@@ -434,7 +413,7 @@ def main() -> None:
                 report["ratio_to_bare"] = round(
                     report["burst"]["rows_per_s"] / report["bare"]["rows_per_s"], 2
                 )
-                report["memory_after_burst"] = pool_memory(port)
+                report["memory_after_burst"] = pool_memory()
                 print("burst:", report["burst"], "ratio", report["ratio_to_bare"], flush=True)
 
                 count = max(1, int(args.idle_rate * args.steady_seconds))
@@ -451,7 +430,7 @@ def main() -> None:
                     before, stage_totals(port), len(loaded)
                 )
                 print("loaded:", report["loaded"], flush=True)
-                report["memory_end"] = pool_memory(port)
+                report["memory_end"] = pool_memory()
             engine.dispose()
         finally:
             broker.stop()

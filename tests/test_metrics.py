@@ -19,6 +19,7 @@ from sqlalchemy import Engine, text
 from support import (
     SHELVER,
     centroid_artifact,
+    free_port,
     insert,
     register_champion,
     running,
@@ -35,12 +36,6 @@ from shelver.worker.metrics import failure_reason
 pytestmark = pytest.mark.slow
 
 Labels = tuple[tuple[str, str], ...]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def value(port: int, name: str, **labels: str) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from sqlalchemy import Engine
 from support import (
     centroid_artifact,
+    free_port,
     insert,
     register_champion,
     running,
@@ -35,12 +35,6 @@ pytestmark = pytest.mark.slow
 # The production default: recovery must not come from the lease running out.
 LEASE_S = 300
 RECOVERY_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
