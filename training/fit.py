@@ -154,17 +154,33 @@ class FittedModel:
     parts: tuple[FittedModel, FittedModel] | None = None
 
 
+# The linear part's table (vocabulary x classes, or x rank) is most of an artifact and
+# of a worker's model memory; it is kept in half precision, in the fit as in the graph
+# (``training.model.LinearBag``), so what is evaluated is what is served
+# (docs/training.md, "Cost at 5,000 categories").
+TABLE_DTYPE = np.float16
+
+
 @dataclass
 class LinearModel:
     """Softmax regression over the lexical bag as plain arrays (ids index ``coef``)."""
 
-    coef: np.ndarray  # (vocabulary size, K) float32, or (vocabulary size, r) with ``proj``
+    coef: np.ndarray  # (vocabulary size, K) TABLE_DTYPE, or (vocabulary size, r) with ``proj``
     bias: np.ndarray  # (K,) float32
     # (r, K): the weights are ``coef @ proj`` (``factor``), None when kept whole.
     proj: np.ndarray | None = None
 
+    def __post_init__(self) -> None:
+        self.coef = np.asarray(self.coef, dtype=TABLE_DTYPE)
+
     def predict_proba(self, features) -> np.ndarray:
-        logits = np.asarray(features @ self.coef)
+        import scipy.sparse as sp
+
+        # Only the rows of the table these features use, widened to float32.
+        x = sp.csr_matrix(features)
+        cols, inverse = np.unique(x.indices, return_inverse=True)
+        bag = sp.csr_matrix((x.data, inverse.ravel(), x.indptr), shape=(x.shape[0], len(cols)))
+        logits = np.asarray(bag @ self.coef[cols].astype(np.float32))
         if self.proj is not None:
             logits = logits @ self.proj
         logits = logits + self.bias

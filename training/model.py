@@ -131,6 +131,8 @@ class LinearBag(layers.Layer):
 
     Holds a logistic regression fitted outside Keras (``training.fit.fit_linear``); its
     weights are fixed, so in the graph it is a Gather, a weighted sum and a softmax.
+    The table is float16 (``training.fit.TABLE_DTYPE``, as the fit rounds it), read back
+    as float32 row by row: it is most of the artifact and of a worker's model memory.
     With ``rank`` the (vocabulary x classes) weights are factored into a (vocabulary x
     rank) table and a (rank x classes) projection, so the artifact grows with the
     vocabulary, not with vocabulary x classes; without it there is no projection.
@@ -145,7 +147,7 @@ class LinearBag(layers.Layer):
     def build(self, input_shape):
         self.table = self.add_weight(
             shape=(self.vocab_size, self.rank or self.num_classes), initializer="zeros",
-            trainable=False, name="table",
+            trainable=False, name="table", dtype="float16",
         )  # fmt: skip
         if self.rank:
             self.proj = self.add_weight(
@@ -158,7 +160,7 @@ class LinearBag(layers.Layer):
 
     def call(self, inputs):
         ids, weights = inputs
-        rows = ops.take(self.table, ids, axis=0)
+        rows = ops.cast(ops.take(self.table, ids, axis=0), "float32")
         bag = ops.sum(rows * ops.expand_dims(weights, -1), axis=1)
         if self.rank:
             bag = ops.matmul(bag, self.proj)
