@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import time
 
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ranks", default="64,full")
     parser.add_argument("--flat", action="store_true", help="also fit today's flat model")
+    parser.add_argument(
+        "--balance", default="path", help="TrainParams.balance values to compare, comma-separated"
+    )
     args = parser.parse_args()
     results = []
     for dataset in args.datasets.split(","):
@@ -112,9 +116,12 @@ def main() -> None:
                        "top_macro_f1": top_macro_f1(test.labels, tops)}  # fmt: skip
                 results.append(row)
                 print(json.dumps(row), flush=True)
-            for rank in args.ranks.split(","):
-                params = TrainParams(seed=seed, linear_rank=None if rank == "full" else int(rank))
-                row = {"dataset": dataset, "seed": seed, "recipe": f"tree_rank_{rank}"}
+            for rank, balance in itertools.product(args.ranks.split(","), args.balance.split(",")):
+                params = TrainParams(
+                    seed=seed, linear_rank=None if rank == "full" else int(rank), balance=balance
+                )
+                recipe = f"tree_rank_{rank}_{balance}"
+                row = {"dataset": dataset, "seed": seed, "recipe": recipe}
                 row.update(score_tree(data, split, params))
                 results.append(row)
                 print(json.dumps(row), flush=True)

@@ -23,6 +23,7 @@ from shelver.training.export import check_parity, to_onnx
 from shelver.training.fit import (
     LinearModel,
     TrainParams,
+    balanced_index,
     choose_linear_weight,
     class_weights,
     fit_linear,
@@ -546,15 +547,21 @@ def test_per_level_thresholds_judge_each_level_on_rows_whose_truth_reaches_it():
     assert level2 == pytest.approx(0.6)  # the wrong 0.55 must stay out; row 3 is not counted
 
 
-def test_paths_weigh_as_their_top_level_category_does():
-    # Labels A, A > x, B: rows 4 x A-ish (A and A > x), 2 x B.
-    y = np.array([0, 0, 1, 1, 2, 2])
-    roots = np.array([0, 0, 1])
-    weights = class_weights(y, 3, "balanced", roots)
-    # Balanced between the two roots, each path at its root's weight: a rare path is
-    # not worth a whole category.
-    assert weights == {0: pytest.approx(0.75), 1: pytest.approx(0.75), 2: pytest.approx(1.5)}
-    assert class_weights(y, 3, "balanced") == {k: pytest.approx(1.0) for k in range(3)}
+def test_balance_evens_out_paths_or_their_top_level_categories():
+    labels = ["A", "A > x", "B"]
+    y = np.array([0, 0, 0, 1, 2, 2])  # 3 x A, 1 x A > x, 2 x B
+    # "path" (the default): every labeled path as the baseline weighs it, n / (K * count).
+    assert class_weights(y, 3, "balanced", balanced_index(labels, "path")) == {
+        0: pytest.approx(6 / 9), 1: pytest.approx(2.0), 2: pytest.approx(1.0)
+    }  # fmt: skip
+    # "root": balanced between the two roots (4 and 2 rows), each path at its root's
+    # weight, so a rare path is not worth a whole category.
+    assert class_weights(y, 3, "balanced", balanced_index(labels, "root")) == {
+        0: pytest.approx(0.75), 1: pytest.approx(0.75), 2: pytest.approx(1.5)
+    }  # fmt: skip
+    assert TrainParams().balance == "path"
+    with pytest.raises(ValueError, match="balance"):
+        balanced_index(labels, "leaf")
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,12 @@ class TrainParams:
     # "balanced" (n / (K * count)), "sqrt" (its square root: softer on 300:1 imbalance)
     # or "none".
     class_weight: str = "balanced"
+    # What the class weights balance when the labels are paths: "path", every labeled
+    # path as the baseline does (+0.8 to +1.7 points of hF on Best Buy and Flipkart,
+    # docs/training.md); "root", the top-level categories, each path weighing as its
+    # root does (a path seen once is then worth little). A flat label set is the same
+    # either way.
+    balance: str = "path"
     # The baseline's TF-IDF (training/baseline.py) in the artifact's own format, so
     # that the linear model alone is the baseline: same analyzers, per-block norms,
     # word terms seen once kept (rare model numbers are telling), rows barely cut.
@@ -152,6 +158,8 @@ class FittedModel:
     linear_exact_classes: int | None = None
     # A tree model's two fits (``fit_model``): the top level's and the paths'.
     parts: tuple[FittedModel, FittedModel] | None = None
+    # ``TrainParams.balance`` as fitted (``refit_linear`` weighs the same way).
+    balance: str = "path"
 
 
 # The linear part's table (vocabulary x classes, or x rank) is most of an artifact and
@@ -513,7 +521,7 @@ def _fit_one(
     targets = model_labels(data)
     labels = sorted(set(targets))
     index = {label: k for k, label in enumerate(labels)}
-    roots = root_index(labels)
+    roots = balanced_index(labels, params.balance)
     y = np.array([index[label] for label in targets], dtype=np.int64)
     train, val = data.subset(split.train), data.subset(split.val)
 
@@ -613,7 +621,7 @@ def _fit_one(
         seconds = time.perf_counter() - started
         return FittedModel(
             model, labels, vocabulary, hist, seconds, val_probs, weight, network, estimator,
-            params.linear_rank, params.linear_exact_classes,
+            params.linear_rank, params.linear_exact_classes, balance=params.balance,
         )  # fmt: skip
     seconds = time.perf_counter() - started
     if not neural_lexical:
@@ -654,7 +662,7 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
         warm,
         rank=fitted.linear_rank,
         class_weight=class_weights(
-            y, len(fitted.labels), "balanced", root_index(fitted.labels), True
+            y, len(fitted.labels), "balanced", balanced_index(fitted.labels, fitted.balance), True
         ),
         exact_classes=fitted.linear_exact_classes,
     )
@@ -664,6 +672,15 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
     return dataclasses.replace(
         fitted, model=model, vocabulary=vocabulary, linear_estimator=estimator
     )
+
+
+def balanced_index(labels: list[str], balance: str) -> np.ndarray | None:
+    """``class_weights``' ``roots`` for ``TrainParams.balance``: None balances each label."""
+    if balance == "path":
+        return None
+    if balance == "root":
+        return root_index(labels)
+    raise ValueError(f"balance must be path or root, not {balance!r}")
 
 
 def root_index(labels: list[str]) -> np.ndarray:
