@@ -1,14 +1,21 @@
-"""Loading a category taxonomy without products: Google's text file or Best Buy's JSON tree.
+"""Loading a category taxonomy without products: Google's text file, Best Buy's JSON tree,
+or a CSV of paths with what each category is.
 
 The format is told by the content, not the file name: a JSON array is Best Buy's open
-data (``[{id, name, path: [{id, name}], subCategories}]``); anything else is read as
-Google's product taxonomy (a ``#`` version line, then ``id - A > B > C`` a line; the
-id-less variant ``A > B > C`` too). Loading is idempotent: nodes already in the catalog
-are counted, not duplicated, and every ancestor a path needs is created with it.
+data (``[{id, name, path: [{id, name}], subCategories}]``); a first line that is a CSV
+header with a ``path`` column is a taxonomy CSV (``path`` as ``A > B > C``, and optional
+``description`` and ``synonyms`` columns, whose words the zero-label scorer reads beside
+the names: ``worker.zero_label``); anything else is read as Google's product taxonomy (a
+``#`` version line, then ``id - A > B > C`` a line; the id-less variant ``A > B > C``
+too). Loading is idempotent: nodes already in the catalog are counted, not duplicated,
+and every ancestor a path needs is created with it; a description replaces the stored
+one only when the file gives one.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import re
@@ -16,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from shelver.catalog.categories import SEPARATOR, ensure_categories, with_ancestors
 
@@ -24,6 +31,9 @@ log = logging.getLogger(__name__)
 
 GOOGLE = "google"
 BESTBUY = "bestbuy"
+CSV = "csv"
+# A description longer than this is cut (the text encoder reads 256 tokens at most).
+DESCRIPTION_CHARS = 1000
 
 _GOOGLE_LINE = re.compile(r"^(\d+)\s+-\s+(.*)$")
 _GOOGLE_VERSION = re.compile(r"version:?\s*(\S+)", re.IGNORECASE)
@@ -49,6 +59,8 @@ class Taxonomy:
     version: str | None
     paths: list[str]
     skipped: list[SkippedEntry] = field(default_factory=list)
+    # Path -> what the category is, for the entries whose file says (CSV only).
+    descriptions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +78,8 @@ class TaxonomyReport:
     duplicates: int = 0
     implied: int = 0
     skipped: list[SkippedEntry] = field(default_factory=list)
+    # Categories whose stored description this load set or changed.
+    described: int = 0
 
 
 def read_taxonomy(path: Path) -> Taxonomy:
@@ -78,7 +92,41 @@ def read_taxonomy(path: Path) -> Taxonomy:
         raise TaxonomyFormatError(f"{path}: not UTF-8 text ({exc})") from exc
     if content.lstrip().startswith("["):
         return _read_bestbuy(path, content)
+    if _csv_header(content) is not None:
+        return _read_csv(path, content)
     return _read_google(path, content)
+
+
+def _csv_header(content: str) -> list[str] | None:
+    """The first line's fields, lowercased, if they name a ``path`` column."""
+    first = next((line for line in content.splitlines() if line.strip()), "")
+    fields = [f.strip().lower() for f in next(csv.reader([first]), [])]
+    return fields if "path" in fields else None
+
+
+def _read_csv(path: Path, content: str) -> Taxonomy:
+    taxonomy = Taxonomy(CSV, None, [])
+    reader = csv.DictReader(io.StringIO(content))
+    reader.fieldnames = [f.strip().lower() for f in reader.fieldnames or []]
+    for row in reader:
+        line = reader.line_num
+        names = [part.strip() for part in (row.get("path") or "").split(">")]
+        problem = _path_problem(names)
+        if problem:
+            taxonomy.skipped.append(SkippedEntry(line, problem))
+            continue
+        category = SEPARATOR.join(names)
+        taxonomy.paths.append(category)
+        synonyms = [s.strip() for s in re.split(r"[;|]", row.get("synonyms") or "") if s.strip()]
+        words = " ".join((row.get("description") or "").split())
+        described = ". ".join(p for p in (words, ", ".join(synonyms)) if p)
+        if described:
+            taxonomy.descriptions[category] = described[:DESCRIPTION_CHARS]
+    if not taxonomy.paths:
+        raise TaxonomyFormatError(
+            f"{path}: a CSV with a `path` column but no categories in it (`A > B > C` a row)"
+        )
+    return taxonomy
 
 
 def _read_google(path: Path, content: str) -> Taxonomy:
@@ -149,6 +197,14 @@ def _path_problem(names: list[str]) -> str | None:
     return None
 
 
+DESCRIBE_SQL = text(
+    """
+    UPDATE categories SET description = :description
+    WHERE path = :path AND description IS DISTINCT FROM :description
+    """
+)
+
+
 def import_taxonomy(engine: Engine, path: Path) -> TaxonomyReport:
     """Load the taxonomy at ``path`` into the catalog's categories, in one transaction."""
     taxonomy = read_taxonomy(path)
@@ -157,6 +213,10 @@ def import_taxonomy(engine: Engine, path: Path) -> TaxonomyReport:
     nodes = with_ancestors(listed)
     with engine.begin() as conn:
         added = ensure_categories(conn, nodes)
+        described = sum(
+            conn.execute(DESCRIBE_SQL, {"path": p, "description": d}).rowcount
+            for p, d in taxonomy.descriptions.items()
+        )
     per_level = Counter(len(node.split(SEPARATOR)) for node in nodes)
     report = TaxonomyReport(
         format=taxonomy.format,
@@ -170,10 +230,12 @@ def import_taxonomy(engine: Engine, path: Path) -> TaxonomyReport:
         duplicates=sum(n - 1 for n in counts.values()),
         implied=len(nodes - listed),
         skipped=taxonomy.skipped,
+        described=described,
     )
     log.info(
-        "taxonomy %s (%s %s): %d nodes, %d added, %d existing, depth %d, %d skipped",
+        "taxonomy %s (%s %s): %d nodes, %d added, %d existing, %d described, depth %d, "
+        "%d skipped",
         path, report.format, report.version or "", report.nodes, report.added,
-        report.existing, report.depth, len(report.skipped),
+        report.existing, report.described, report.depth, len(report.skipped),
     )  # fmt: skip
     return report

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, text
 from shelver.catalog.importer import import_file
 from shelver.catalog.taxonomy import (
     BESTBUY,
+    CSV,
     GOOGLE,
     SkippedEntry,
     TaxonomyFormatError,
@@ -97,9 +98,44 @@ def test_format_is_told_by_content_not_by_name(tmp_path: Path) -> None:
     assert plain.skipped == [SkippedEntry(4, "a category on its path has no name")]
 
 
+def test_a_csv_taxonomy_loads_its_descriptions_and_synonyms(engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "taxonomy.txt"  # told by its header, not its name
+    path.write_text(
+        "Path,Description,Synonyms\n"
+        "Wearables > Smartwatches,Watches that pair with a phone,smart watch; fitness watch\n"
+        "Wearables,,\n"
+        'Gift Cards,"Store credit,  sent by mail",\n'
+        "Broken >  > Path,whatever,\n"
+    )
+    taxonomy = read_taxonomy(path)
+    assert taxonomy.format == CSV
+    assert taxonomy.paths == ["Wearables > Smartwatches", "Wearables", "Gift Cards"]
+    assert taxonomy.skipped == [SkippedEntry(5, "a category on its path has no name")]
+
+    report = import_taxonomy(engine, path)
+    assert (report.nodes, report.added, report.described) == (3, 3, 2)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("SELECT path, description FROM categories")).all())
+    assert stored == {
+        "Wearables": None,
+        "Wearables > Smartwatches": ("Watches that pair with a phone. smart watch, fitness watch"),
+        "Gift Cards": "Store credit, sent by mail",
+    }
+    # Again: nothing new. A changed description replaces the stored one; a file that
+    # gives none leaves it as it was.
+    assert import_taxonomy(engine, path).described == 0
+    path.write_text("path,description\nGift Cards,Prepaid cards\nWearables > Smartwatches,\n")
+    assert import_taxonomy(engine, path).described == 1
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("SELECT path, description FROM categories")).all())
+    assert stored["Gift Cards"] == "Prepaid cards"
+    assert stored["Wearables > Smartwatches"].startswith("Watches that pair")
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
+        ("path,description\n", "a CSV with a `path` column but no categories"),
         ("", "no categories found"),
         ("# only a version line\n", "no categories found"),
         ('[{"id": 1}]', "JSON array without categories"),

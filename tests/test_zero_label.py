@@ -145,6 +145,29 @@ def test_category_vectors_are_stored_once_per_taxonomy(
     assert scalar(engine, "SELECT count(*) FROM model_versions WHERE status = 'champion'") == 0
 
 
+def test_a_category_is_found_by_the_description_its_taxonomy_gives(
+    engine: Engine, encoders: tuple[TextEncoder, ImageEncoder], tmp_path: Path
+) -> None:
+    text_encoder = encoders[0]
+    watch = text_encoder.encode(["Smartwatch 42mm Aluminum Case with Sport Band"])
+    taxonomy = tmp_path / "taxonomy.csv"
+    # Names that say nothing of what the categories hold; the synonyms column does.
+    models = []
+    for watches, knives in (("Line B", "Line A"), ("Line A", "Line B")):
+        taxonomy.write_text(
+            f"path,synonyms\n{watches},smartwatches; fitness trackers\n"
+            f"{knives},kitchen knives; cutting boards\n"
+        )
+        assert import_taxonomy(engine, taxonomy).described == 2
+        model = ensure_zero_label_model(engine, text_encoder)
+        assert model is not None
+        assert model.scorer.score(watch)[0].category == watches
+        models.append(model.version)
+    # Changed descriptions are another scorer, not the stored vectors of the old ones.
+    assert models[0] != models[1]
+    assert scalar(engine, "SELECT count(*) FROM model_versions WHERE status = 'zero_label'") == 2
+
+
 def write_labeled(path: Path, rows: list[tuple[str, str]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

@@ -1,14 +1,15 @@
 """Classifying into a taxonomy nobody has labeled yet: products against what categories are named.
 
 Each category is embedded once with the worker's text encoder, mostly by its own name
-(``category_vectors``); a product's text vector is compared with every node. The cosine
-similarities, sharpened by a temperature, make one softmax over all nodes, which
-``worker.tree.LabelTree`` sums into node probabilities (a parent's mass is its
-subtree's). The top level is the root with the most mass, and the answer is the node of
-that branch most like the product. Measured on Best Buy, Flipkart and PriceRunner titles
-mapped onto Google's taxonomy (benchmarks/cold_start.py, docs/cold_start.md): names
-beat whole paths as category text, and choosing the branch by mass before the node
-beats the nearest node overall.
+(``category_vectors``), and by its description where the taxonomy gives one (a taxonomy
+CSV's ``description`` and ``synonyms`` columns, ``categories.description``). A product's
+text vector is compared with every node. The cosine similarities, sharpened by a
+temperature, make one softmax over all nodes, which ``worker.tree.LabelTree`` sums into
+node probabilities (a parent's mass is its subtree's). The top level is the root with
+the most mass, and the answer is the node of that branch most like the product.
+Measured on Best Buy, Flipkart and PriceRunner titles mapped onto Google's taxonomy
+(benchmarks/cold_start.py, docs/cold_start.md): names beat whole paths as category text,
+and choosing the branch by mass before the node beats the nearest node overall.
 
 These suggestions are never auto-accepted: their calibration is measured only at the top
 level, on our own mapped sets, so every product classified this way waits for a person
@@ -35,7 +36,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,10 @@ TEMPERATURE = 0.05
 CONFIDENCE_TEMPERATURE = 0.02
 TOP_K = 3
 CONTEXT_SHARE = 0.2
+# A described category's vector: this share its description ("name: description"), the
+# rest its name as above. Half, so a description weighs as much as the name; not tuned:
+# none of the taxonomies of our mapped sets has descriptions (docs/cold_start.md).
+DESCRIPTION_SHARE = 0.5
 # Bumped whenever category_vectors or the artifact layout changes, so old rows are not reused.
 RECIPE = 1
 
@@ -82,19 +87,34 @@ def category_texts(path: str) -> tuple[str, str]:
     return parts[-1], f"{parts[-1]} ({SEPARATOR.join(parts[:-1])})"
 
 
-def category_vectors(paths: Sequence[str], text_encoder: TextEncoder) -> np.ndarray:
-    """One unit vector per path: ``CONTEXT_SHARE`` of name-in-context, the rest name."""
+def category_vectors(
+    paths: Sequence[str],
+    text_encoder: TextEncoder,
+    descriptions: Mapping[str, str] | None = None,
+) -> np.ndarray:
+    """One unit vector per path: ``CONTEXT_SHARE`` of name-in-context, the rest name; for
+    a path with a description, ``DESCRIPTION_SHARE`` of "name: description" mixed in."""
     texts = [category_texts(p) for p in paths]
     names = text_encoder.encode([t[0] for t in texts])
     in_context = text_encoder.encode([t[1] for t in texts])
     mixed = (1 - CONTEXT_SHARE) * names + CONTEXT_SHARE * in_context
+    mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
+    described = [k for k, p in enumerate(paths) if (descriptions or {}).get(p)]
+    if described:
+        said = text_encoder.encode([f"{texts[k][0]}: {descriptions[paths[k]]}" for k in described])
+        mixed[described] = (1 - DESCRIPTION_SHARE) * mixed[described] + DESCRIPTION_SHARE * said
     return mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
 
 
-def taxonomy_key(paths: Sequence[str], encoder_identity: str) -> str:
-    """A hash naming the category vectors of these paths under this encoder."""
+def taxonomy_key(
+    paths: Sequence[str], encoder_identity: str, descriptions: Mapping[str, str] | None = None
+) -> str:
+    """A hash naming the category vectors of these paths (and descriptions) under this
+    encoder."""
     digest = hashlib.sha256(f"{RECIPE}\n{encoder_identity}\n".encode())
     digest.update("\n".join(sorted(paths)).encode())
+    if descriptions:
+        digest.update(json.dumps(sorted(descriptions.items())).encode())
     return digest.hexdigest()[:20]
 
 
@@ -187,6 +207,8 @@ class ZeroLabelModel:
 
 PATHS_SQL = text("SELECT path FROM categories ORDER BY path")
 
+DESCRIPTIONS_SQL = text("SELECT path, description FROM categories WHERE description IS NOT NULL")
+
 FIND_SQL = text("SELECT id, version, sha256, artifact FROM model_versions WHERE version = :version")
 
 INSERT_SQL = text(
@@ -206,6 +228,11 @@ def category_paths(conn: Connection) -> list[str]:
     return list(conn.execute(PATHS_SQL).scalars())
 
 
+def category_descriptions(conn: Connection) -> dict[str, str]:
+    """Path -> description, for the categories a taxonomy described."""
+    return dict(conn.execute(DESCRIPTIONS_SQL).all())
+
+
 def ensure_zero_label_model(
     engine: Engine, text_encoder: TextEncoder, temperature: float = TEMPERATURE
 ) -> ZeroLabelModel | None:
@@ -215,11 +242,12 @@ def ensure_zero_label_model(
         paths = category_paths(conn)
         if not paths:
             return None
-        version = VERSION_PREFIX + taxonomy_key(paths, text_encoder.identity)
+        descriptions = category_descriptions(conn)
+        version = VERSION_PREFIX + taxonomy_key(paths, text_encoder.identity, descriptions)
         row = conn.execute(FIND_SQL, {"version": version}).one_or_none()
     if row is None:
         log.info("encoding %d categories for the zero-label scorer", len(paths))
-        vectors = category_vectors(paths, text_encoder)
+        vectors = category_vectors(paths, text_encoder, descriptions)
         artifact = ZeroLabelScorer(paths, vectors, temperature).to_bytes()
         params = {
             "version": version,
@@ -228,6 +256,7 @@ def ensure_zero_label_model(
             "labels": json.dumps(paths),
             "encoders": json.dumps({"text": text_encoder.identity}),
             "metrics": json.dumps({"kind": "zero_label", "categories": len(paths),
+                                   "described": len(descriptions),
                                    "temperature": temperature, "recipe": RECIPE}),
         }  # fmt: skip
         with engine.begin() as conn:

@@ -19,8 +19,9 @@ def taxonomy_import(
     path: Annotated[
         Path,
         typer.Argument(
-            help="Google's product taxonomy (`id - A > B > C` lines) or Best Buy's "
-            "categories JSON; the format is told by the content."
+            help="Google's product taxonomy (`id - A > B > C` lines), Best Buy's "
+            "categories JSON, or a CSV with a `path` column and optional `description` and "
+            "`synonyms` (`;`-separated) columns; the format is told by the content."
         ),
     ],
 ) -> None:
@@ -44,6 +45,8 @@ def taxonomy_import(
         f"{report.added:,} added, {report.existing:,} already in the catalog, "
         f"{len(report.skipped)} skipped"
     )
+    if report.described:
+        console.print(f"{report.described:,} descriptions set or changed")
     if report.duplicates or report.implied:
         console.print(
             f"from {report.entries:,} entries: {report.duplicates} listed twice (loaded once), "
