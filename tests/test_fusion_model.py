@@ -12,7 +12,6 @@ import json
 import zipfile
 from collections import Counter
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,11 +242,14 @@ def test_a_model_packed_in_a_way_this_worker_does_not_know_is_refused(trained):
         pack_texts([product], "shouted")
 
 
-def test_the_bundled_models_unnamed_packing_reads_as_name_dot_description():
-    bundled = Path(__file__).resolve().parents[1] / "worker" / "default_model"
-    record = json.loads((bundled / "model.json").read_text())
-    model = FusionModel.from_artifact((bundled / "fusion.zip").read_bytes(), record["sha256"])
-    assert model.meta["text_packing"] == {"template": "{name}. {description}", "max_tokens": 256}
+def test_an_older_models_unnamed_packing_reads_as_name_dot_description(trained):
+    # Artifacts before packings had names (the first bundled model among them) carry the
+    # template itself.
+    _, result, _ = trained
+    older = repackaged(
+        result.artifact, text_packing={"template": "{name}. {description}", "max_tokens": 256}
+    )
+    model = FusionModel.from_artifact(older, sha256_hex(older))
     assert model.text_packing == "name. description"
     product = ProductContent(1, "", "Canon EOS R50", "Mirrorless camera", None)
     assert pack_texts([product], model.text_packing) == ["Canon EOS R50. Mirrorless camera"]
