@@ -116,24 +116,25 @@ def test_evaluate_file_scores_whole_paths_against_a_flat_champion(
 
 
 def candidate_path(tree, node_probs: np.ndarray) -> list[int]:  # noqa: ANN001
-    """The leaf candidate's walk for one row, as the tree's docstring defines it: from the
-    most probable root, each time to the most probable child, stopping where the label at
-    this node is more likely than any one child."""
-    path = [int(tree.roots[np.argmax(node_probs[tree.roots])])]
-    while len(tree.children[path[-1]]):
-        kids = tree.children[path[-1]]
-        best = int(kids[np.argmax(node_probs[kids])])
-        own = node_probs[path[-1]] - node_probs[kids].sum() if tree.self_label[path[-1]] >= 0 else 0
-        if own >= node_probs[best]:
-            break
-        path.append(best)
-    return path
+    """The leaf candidate for one row, as the tree's docstring defines it: the most probable
+    label under the most probable root, its own probability being its node's less its
+    children's; the path from that root down to it."""
+    root = tree.nodes[int(tree.roots[np.argmax(node_probs[tree.roots])])]
+    best, best_p = None, -np.inf
+    for j, node in enumerate(tree.nodes):
+        if tree.self_label[j] < 0 or not (node == root or node.startswith(root + " > ")):
+            continue
+        own = node_probs[j] - sum(node_probs[c] for c in tree.children[j])
+        if own > best_p:
+            best, best_p = node, own
+    parts = best.split(" > ")
+    return [tree.node_index[" > ".join(parts[:d])] for d in range(1, len(parts) + 1)]
 
 
-def test_a_batch_is_decided_row_by_row_as_the_walk_defines(fixture_data: Path) -> None:
-    """decide_rows walks every row down the tree at once; each row's decision must be the
-    one-row walk's, with backoff from the root, on a real taxonomy's paths at mixed depths,
-    coarse labels included."""
+def test_a_batch_is_decided_row_by_row_as_the_tree_defines(fixture_data: Path) -> None:
+    """decide_rows decides every row of a batch at once; each row's decision must be the
+    one-row definition's, with backoff from the root, on a real taxonomy's paths at mixed
+    depths, coarse labels included."""
     from shelver.worker.tree import Decision, LabelTree
 
     taxonomy = fixture_data.parent / "taxonomies" / "google-product-taxonomy-2021-09-21-head40.txt"
@@ -145,7 +146,7 @@ def test_a_batch_is_decided_row_by_row_as_the_walk_defines(fixture_data: Path) -
     tree = LabelTree(paths)
     assert tree.depth >= 3 and any(tree.self_label[tree.roots] >= 0)
     rng = np.random.default_rng(0)
-    # Peaked and flat rows, so walks stop at every depth.
+    # Peaked and flat rows, so candidates end at every depth.
     logits = rng.normal(size=(400, len(paths))) * rng.choice([0.5, 3.0, 8.0], size=(400, 1))
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     nodes = tree.node_probs(probs)
@@ -164,3 +165,17 @@ def test_a_batch_is_decided_row_by_row_as_the_walk_defines(fixture_data: Path) -
         assert tree.decide(nodes[7], thresholds) == batch[7]
     depths = {len(d.path_probs) for d in tree.decide_rows(nodes, [0.5])}
     assert len(depths) >= 3  # the rows really end at different depths
+
+
+def test_the_leaf_candidate_is_the_likeliest_label_not_the_heaviest_branch() -> None:
+    from shelver.worker.tree import LabelTree
+
+    # Eight rare accessories outweigh the phone label together (0.40 against 0.35), but
+    # each is far less likely: the candidate is the phone, not one accessory.
+    labels = ["A > phones", *(f"A > accessories > a{i}" for i in range(8)), "B"]
+    probs = np.array([[0.35, *[0.05] * 8, 0.25]])
+    tree = LabelTree(labels)
+    (decision,) = tree.decide_rows(tree.node_probs(probs), [0.7, 0.3])
+    assert decision.candidate == "A > phones"
+    assert decision.path_probs == pytest.approx((0.75, 0.35))
+    assert decision.accepted == "A > phones"

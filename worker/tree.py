@@ -8,9 +8,12 @@ consistent with the tree: a parent is always at least as likely as any child, an
 the roots sum to 1. A flat model is a tree of depth 1 and behaves as before.
 
 Deciding a row:
-- the **leaf candidate** walks down from the most probable root, each time to the
-  most probable child, and stops where the product itself (the label at this node)
-  is more likely than any child;
+- the **leaf candidate** is the most probable label under the most probable root (a
+  coarse label, the root itself included, is a candidate like any other); its path
+  runs from that root down to it. A walk from the root to the most probable child at
+  each level was tried first: a child with many rare labels under it (Cell Phone
+  Accessories) outweighs one likely label beside it (Unlocked Cell Phones), so the
+  walk ended on unlikely leaves (docs/training.md, "Labels at any depth");
 - **backoff** accepts the candidate's ancestors from the root down while each meets
   its level's threshold; the deepest accepted node is the answer, and a row whose
   root is not sure is for a person.
@@ -78,12 +81,16 @@ class LabelTree:
             if len(n) > 1:
                 children[index[n[:-1]]].append(index[n])
         self.children = [np.array(c, dtype=np.int64) for c in children]
-        # The same children as one (nodes, most children) matrix, padded with -1, for
-        # walking every row of a batch down the tree at once (``decide_rows``).
-        widest = max((len(c) for c in children), default=0)
-        self._kids = np.full((len(nodes), max(1, widest)), -1, dtype=np.int64)
-        for j, c in enumerate(children):
-            self._kids[j, : len(c)] = c
+        # Each node's path of node ids from its root, and per depth the nodes there with
+        # their parents: sorted paths keep siblings together, so one ``reduceat`` per
+        # depth sums every node's children (``own_probs``).
+        self._lineage = [[index[n[:d]] for d in range(1, len(n) + 1)] for n in nodes]
+        self._depths = []
+        for d in range(2, self.depth + 1):
+            at = np.array([j for j, n in enumerate(nodes) if len(n) == d], dtype=np.int64)
+            parents = np.array([index[nodes[j][:-1]] for j in at], dtype=np.int64)
+            starts = np.flatnonzero(np.r_[True, parents[1:] != parents[:-1]])
+            self._depths.append((at, parents[starts], starts))
         # Sorted paths keep every subtree contiguous: node j's descendants are nodes
         # j+1 .. j+size[j]-1. With the labels ordered by their node, the labels at or
         # below node j are one run, [lo[j], hi[j]), so a cumulative sum over the
@@ -94,6 +101,7 @@ class LabelTree:
         for j in range(len(nodes) - 1, -1, -1):
             if len(nodes[j]) > 1:
                 size[index[nodes[j][:-1]]] += size[j]
+        self._size = size
         label_node = np.array([index[p] for p in parts], dtype=np.int64)
         self._order = np.argsort(label_node, kind="stable")
         ordered = label_node[self._order]
@@ -117,31 +125,26 @@ class LabelTree:
         """(n, len(roots)): the top-level distribution, columns in ``root_names`` order."""
         return self.node_probs(probs)[:, self.roots]
 
+    def own_probs(self, node_probs: np.ndarray) -> np.ndarray:
+        """(n, nodes): the probability of the label at each node itself (its node's
+        probability less its children's), -inf where a node is only a prefix."""
+        node_probs = np.asarray(node_probs, dtype=np.float64)
+        below = np.zeros_like(node_probs)
+        for at, parents, starts in self._depths:
+            if len(at):
+                below[:, parents] = np.add.reduceat(node_probs[:, at], starts, axis=1)
+        return np.where(self.self_label >= 0, node_probs - below, -np.inf)
+
     def candidate_paths(self, node_probs: np.ndarray) -> list[list[int]]:
         """Per row of ``node_probs`` (n, nodes): node ids from the most probable root down
-        to the leaf candidate, walked one level at a time for all rows together."""
+        to the leaf candidate, the most probable label in that root's subtree."""
         node_probs = np.asarray(node_probs, dtype=np.float64)
-        rows = np.arange(len(node_probs))
-        current = self.roots[np.argmax(node_probs[:, self.roots], axis=1)]
-        paths = [[int(node)] for node in current]
-        walking = np.ones(len(rows), dtype=bool)
-        for _ in range(self.depth - 1):
-            kids = self._kids[current]
-            valid = kids >= 0
-            walking &= valid[:, 0]
-            if not walking.any():
-                break
-            kid_probs = np.where(valid, node_probs[rows[:, None], np.maximum(kids, 0)], -np.inf)
-            column = kid_probs.argmax(axis=1)
-            best, best_p = kids[rows, column], kid_probs[rows, column]
-            below = np.where(valid, kid_probs, 0.0).sum(axis=1)
-            own = np.where(self.self_label[current] >= 0, node_probs[rows, current] - below, 0.0)
-            # Stop where the product is more likely this node itself than any one child.
-            walking &= ~(own >= best_p)
-            for r in np.flatnonzero(walking):
-                paths[r].append(int(best[r]))
-            current = np.where(walking, best, current)
-        return paths
+        root = self.roots[np.argmax(node_probs[:, self.roots], axis=1)]
+        # A root's subtree is the run of nodes [root, root + size) (sorted paths).
+        columns = np.arange(len(self.nodes))
+        inside = (columns >= root[:, None]) & (columns < (root + self._size[root])[:, None])
+        own = np.where(inside, self.own_probs(node_probs), -np.inf)
+        return [self._lineage[int(j)] for j in np.argmax(own, axis=1)]
 
     def decide_rows(self, node_probs: np.ndarray, thresholds: Sequence[float]) -> list[Decision]:
         """Per row of ``node_probs`` (n, nodes): the leaf candidate and the deepest node of
