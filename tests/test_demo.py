@@ -13,13 +13,15 @@ from sqlalchemy import Engine, text
 pytestmark = pytest.mark.slow
 
 # Demo products of the two top-level categories of the demo's taxonomy that the bundled
-# model never learned (worker/demo_data/README.md).
-UNSEEN = {"demo-024", "demo-025", "demo-026", "demo-027"}
-# The ones the bundled model (default-f3b50c1b) auto-accepts on its own, all rightly: a
-# phone and its case, a microwave, a dishwasher, a laptop, batteries, a fitness tracker.
-KNOWN_ACCEPTED = {
-    "demo-001", "demo-002", "demo-005", "demo-006", "demo-009", "demo-012", "demo-022"
-}  # fmt: skip
+# model never learned (worker/demo_data/README.md): a gift card, a VR headset, a pet
+# tracker. The demo's smartwatch the bundled model puts under Best Buy's own
+# "Cell Phones > ... > Smartwatches & Accessories", a node it learned; it is not sure of it.
+UNSEEN = {"demo-024", "demo-025", "demo-026"}
+# What the bundled model (default-ebad72c9: a tree model with its open-set gate) auto-
+# accepts, all rightly: a phone case, a microwave, a dishwasher, batteries. Its gate sends
+# the rest to review, among them the phone, the laptop and the fitness tracker, whose
+# top level it has right but not by the margin it asks of products unlike its training rows.
+KNOWN_ACCEPTED = {"demo-002", "demo-005", "demo-006", "demo-012"}
 
 
 def run_demo(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -66,14 +68,16 @@ def test_demo_classifies_its_products_on_the_configured_services(
     # The demo's taxonomy is in the catalog, its two top levels the model never learned too.
     assert {"Wearable Technology > Apple Watch", "Best Buy Gift Cards > Gift Cards"} <= loaded
     status = {sku: (s, path) for sku, s, path in rows}
-    # Products of those categories: a taxonomy suggestion, waiting for review. Alone, the
-    # bundled model auto-accepts the smartwatch as "Cell Phones".
+    # Products of those categories: a taxonomy suggestion, waiting for review.
     for sku in UNSEEN:
         got, path = status[sku]
         assert got == "needs_review", (sku, status[sku])
         assert path.split(" > ")[0] in ("Wearable Technology", "Best Buy Gift Cards"), (sku, path)
+    assert status["demo-027"][0] == "needs_review"
     # What the bundled model alone auto-accepts (all right) is still auto-accepted.
     assert {sku for sku, (s, _) in status.items() if s == "classified"} == KNOWN_ACCEPTED
+    # The phone's suggestion is the phone's own branch, shown as a path.
+    assert status["demo-001"][1] == "Cell Phones > Unlocked Cell Phones > All Unlocked Cell Phones"
     assert (
         f"{len(KNOWN_ACCEPTED)} classified automatically, {27 - len(KNOWN_ACCEPTED)} left for a "
         f"person (`shelver review`), {len(UNSEEN)} of them with a taxonomy category"
