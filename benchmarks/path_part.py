@@ -10,9 +10,11 @@ For each seed, one split that copies the hidden held-out part
   weights balanced per ``root`` (each path weighing as its top-level category) or per
   ``path`` (as the baseline), its table whole (``full``) or factored to rank 64;
 - combined with a flat linear model on the top-level categories the way the served
-  tree is (``training.fit.tree_probs``), and decoded three ways: the tree walk the
-  worker uses (``walk``), the most probable label (``argmax``), and the most probable
-  label under the most probable root (``root_argmax``).
+  tree is (``training.fit.tree_probs``), and decoded three ways: the walk the worker
+  used first (``walk``: from the most probable root to the most probable child while
+  a child is more likely than the node's own label), the most probable label
+  (``argmax``), and ``LabelTree``'s leaf candidate today, the most probable label under
+  the most probable root (``root_argmax``).
 
 No embeddings, no network: a split takes a few minutes. Figures: docs/training.md,
 "Labels at any depth".
@@ -67,14 +69,29 @@ def text_only(dataset: str) -> TrainingData:
     )
 
 
-def decoded(tree: LabelTree, labels: list[str], roots: list[str], top: np.ndarray, probs):
-    walk = [d.candidate for d in tree.decide_rows(tree.node_probs(probs), [1.0])]
-    argmax = [labels[k] for k in probs.argmax(axis=1)]
-    under = np.array([path_parts(label)[0] for label in labels])
-    best_root = np.array(roots)[top.argmax(axis=1)]
-    masked = np.where(under[None, :] == best_root[:, None], probs, -1.0)
-    root_argmax = [labels[k] for k in masked.argmax(axis=1)]
-    return {"walk": walk, "argmax": argmax, "root_argmax": root_argmax}
+def walk(tree: LabelTree, node_probs: np.ndarray) -> list[str]:
+    """The first leaf candidate: down from the most probable root, each time to the most
+    probable child, stopping where the node's own label is at least as likely."""
+    out = []
+    for row in node_probs:
+        node = int(tree.roots[np.argmax(row[tree.roots])])
+        while len(kids := tree.children[node]):
+            best = int(kids[np.argmax(row[kids])])
+            own = row[node] - row[kids].sum() if tree.self_label[node] >= 0 else 0.0
+            if own >= row[best]:
+                break
+            node = best
+        out.append(tree.nodes[node])
+    return out
+
+
+def decoded(tree: LabelTree, labels: list[str], probs: np.ndarray) -> dict[str, list[str]]:
+    nodes = tree.node_probs(probs)
+    return {
+        "walk": walk(tree, nodes),
+        "argmax": [labels[k] for k in probs.argmax(axis=1)],
+        "root_argmax": [d.candidate for d in tree.decide_rows(nodes, [1.0])],
+    }
 
 
 def run(dataset: str, data: TrainingData, seed: int) -> dict:
@@ -110,7 +127,7 @@ def run(dataset: str, data: TrainingData, seed: int) -> dict:
         table, proj = factor(np.asarray(whole.coef, np.float32), RANK, x_rest)
         for size, linear in (("full", whole), (str(RANK), LinearModel(table, whole.bias, proj))):
             probs = tree_probs(top_probs, linear.predict_proba(x_test), membership)
-            for decoder, predicted in decoded(tree, labels, roots, top_probs, probs).items():
+            for decoder, predicted in decoded(tree, labels, probs).items():
                 score(f"{balance}/{size}/{decoder}", predicted)
     return out
 
