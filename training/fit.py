@@ -182,12 +182,8 @@ class LinearModel:
         self.coef = np.asarray(self.coef, dtype=TABLE_DTYPE)
 
     def predict_proba(self, features) -> np.ndarray:
-        import scipy.sparse as sp
-
         # Only the rows of the table these features use, widened to float32.
-        x = sp.csr_matrix(features)
-        cols, inverse = np.unique(x.indices, return_inverse=True)
-        bag = sp.csr_matrix((x.data, inverse.ravel(), x.indptr), shape=(x.shape[0], len(cols)))
+        cols, bag = used_terms(features)
         logits = np.asarray(bag @ self.coef[cols].astype(np.float32))
         if self.proj is not None:
             logits = logits @ self.proj
@@ -195,6 +191,17 @@ class LinearModel:
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
+
+
+def used_terms(features):
+    """The distinct term ids ``features`` (rows x vocabulary) uses, and the same rows as a
+    CSR matrix over those terms only, so a step or a prediction touches just their
+    table rows."""
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(features)
+    cols, inverse = np.unique(x.indices, return_inverse=True)
+    return cols, sp.csr_matrix((x.data, inverse.ravel(), x.indptr), shape=(x.shape[0], len(cols)))
 
 
 def lexical_matrix(vocabulary: LexicalVocabulary, texts: list[str], names: list[str] | None = None):
@@ -266,7 +273,6 @@ def fit_low_rank(
     terms x rank plus rank x K, never vocabulary x K: memory and time grow with the
     classes only through the (rank x K) projection and the logits.
     """
-    import scipy.sparse as sp
 
     x = features.tocsr().astype(np.float32)
     n, vocab = x.shape
@@ -311,11 +317,7 @@ def fit_low_rank(
         for start in range(0, n, LOW_RANK_BATCH):
             t += 1
             rows = np.sort(order[start : start + LOW_RANK_BATCH])
-            batch = x[rows]
-            cols, inverse = np.unique(batch.indices, return_inverse=True)
-            bag = sp.csr_matrix(
-                (batch.data, inverse.ravel(), batch.indptr), shape=(len(rows), len(cols))
-            )
+            cols, bag = used_terms(x[rows])
             sub = table[cols]
             hidden = np.asarray(bag @ sub)
             logits = hidden @ proj + bias
