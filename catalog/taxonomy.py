@@ -92,16 +92,15 @@ def read_taxonomy(path: Path) -> Taxonomy:
         raise TaxonomyFormatError(f"{path}: not UTF-8 text ({exc})") from exc
     if content.lstrip().startswith("["):
         return _read_bestbuy(path, content)
-    if _csv_header(content) is not None:
+    if _has_path_header(content):
         return _read_csv(path, content)
     return _read_google(path, content)
 
 
-def _csv_header(content: str) -> list[str] | None:
-    """The first line's fields, lowercased, if they name a ``path`` column."""
+def _has_path_header(content: str) -> bool:
+    """Whether the first non-blank line is a CSV header naming a ``path`` column."""
     first = next((line for line in content.splitlines() if line.strip()), "")
-    fields = [f.strip().lower() for f in next(csv.reader([first]), [])]
-    return fields if "path" in fields else None
+    return "path" in (f.strip().lower() for f in next(csv.reader([first]), []))
 
 
 def _read_csv(path: Path, content: str) -> Taxonomy:
@@ -199,10 +198,14 @@ def _path_problem(names: list[str]) -> str | None:
 
 DESCRIBE_SQL = text(
     """
-    UPDATE categories SET description = :description
-    WHERE path = :path AND description IS DISTINCT FROM :description
+    UPDATE categories c SET description = given.description
+    FROM unnest(CAST(:paths AS text[]), CAST(:descriptions AS text[]))
+         AS given (path, description)
+    WHERE c.path = given.path AND c.description IS DISTINCT FROM given.description
     """
 )
+"""Sets every description the file gives in one statement; its row count is how many
+it set or changed."""
 
 
 def import_taxonomy(engine: Engine, path: Path) -> TaxonomyReport:
@@ -213,10 +216,11 @@ def import_taxonomy(engine: Engine, path: Path) -> TaxonomyReport:
     nodes = with_ancestors(listed)
     with engine.begin() as conn:
         added = ensure_categories(conn, nodes)
-        described = sum(
-            conn.execute(DESCRIBE_SQL, {"path": p, "description": d}).rowcount
-            for p, d in taxonomy.descriptions.items()
-        )
+        given = sorted(taxonomy.descriptions.items())
+        described = conn.execute(
+            DESCRIBE_SQL,
+            {"paths": [p for p, _ in given], "descriptions": [d for _, d in given]},
+        ).rowcount
     per_level = Counter(len(node.split(SEPARATOR)) for node in nodes)
     report = TaxonomyReport(
         format=taxonomy.format,
