@@ -205,9 +205,7 @@ class ZeroLabelModel:
     scorer: ZeroLabelScorer
 
 
-PATHS_SQL = text("SELECT path FROM categories ORDER BY path")
-
-DESCRIPTIONS_SQL = text("SELECT path, description FROM categories WHERE description IS NOT NULL")
+CATEGORIES_SQL = text("SELECT path, description FROM categories ORDER BY path")
 
 FIND_SQL = text("SELECT id, version, sha256, artifact FROM model_versions WHERE version = :version")
 
@@ -224,13 +222,15 @@ INSERT_SQL = text(
 nothing and both read the one row back. Threshold 1.0: nothing is auto-accepted."""
 
 
+def catalog_categories(conn: Connection) -> tuple[list[str], dict[str, str]]:
+    """The catalog's category paths in order, and path -> description for those a
+    taxonomy described: what the category vectors are made of, in one read."""
+    rows = conn.execute(CATEGORIES_SQL).all()
+    return [path for path, _ in rows], {path: d for path, d in rows if d is not None}
+
+
 def category_paths(conn: Connection) -> list[str]:
-    return list(conn.execute(PATHS_SQL).scalars())
-
-
-def category_descriptions(conn: Connection) -> dict[str, str]:
-    """Path -> description, for the categories a taxonomy described."""
-    return dict(conn.execute(DESCRIPTIONS_SQL).all())
+    return catalog_categories(conn)[0]
 
 
 def ensure_zero_label_model(
@@ -239,10 +239,9 @@ def ensure_zero_label_model(
     """The zero-label scorer of the catalog's categories as they are now, or None if it has
     none. Encodes the category names only when this taxonomy has no stored row yet."""
     with engine.connect() as conn:
-        paths = category_paths(conn)
+        paths, descriptions = catalog_categories(conn)
         if not paths:
             return None
-        descriptions = category_descriptions(conn)
         version = VERSION_PREFIX + taxonomy_key(paths, text_encoder.identity, descriptions)
         row = conn.execute(FIND_SQL, {"version": version}).one_or_none()
     if row is None:
