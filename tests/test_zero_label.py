@@ -37,9 +37,11 @@ from shelver.worker.classify import FusionClassifier, classify_products
 from shelver.worker.encoders import ImageEncoder, TextEncoder, load_encoders
 from shelver.worker.runtime import Runtime
 from shelver.worker.zero_label import (
+    ACCESSORY_PENALTY,
     ZeroLabelClassifier,
     ZeroLabelScorer,
     ensure_zero_label_model,
+    is_accessory_node,
     serving_classifier,
     unlabeled_categories,
 )
@@ -81,6 +83,26 @@ def test_branch_is_chosen_by_its_mass_then_the_closest_node_inside_it() -> None:
     assert 0.5 < verdict.confidence < 1.0  # B's mass
     assert [s["category"] for s in verdict.top_k][0] == "B > b3"
     assert len(verdict.top_k) == 3
+
+
+def test_a_node_named_for_accessories_must_be_clearly_closer_to_win() -> None:
+    # A freezer is as close to "Freezer Accessories" as to "Freezers" (MiniLM does that);
+    # the accessory node loses ACCESSORY_PENALTY, so only a clear lead keeps it.
+    paths = ["Home", "Home > Freezers", "Home > Freezer Accessories", "Home > Freezer Parts"]
+
+    def unit(cos: float) -> list[float]:
+        return [cos, float(np.sqrt(1 - cos * cos))]
+
+    def answer(freezers: float, accessories: float) -> str:
+        vectors = np.array([unit(0.0), unit(freezers), unit(accessories), unit(0.0)])
+        scorer = ZeroLabelScorer(paths, vectors)
+        return scorer.score(np.array([[1.0, 0.0]], dtype=np.float32))[0].category
+
+    assert answer(0.70, 0.72) == "Home > Freezers"
+    assert answer(0.70, 0.70 + ACCESSORY_PENALTY + 0.01) == "Home > Freezer Accessories"
+    assert [is_accessory_node(p) for p in paths] == [False, False, True, True]
+    # Only the node's own name counts: a case under an accessories branch is a product.
+    assert not is_accessory_node("Electronics > Phone Accessories > Phone Cases")
 
 
 def test_without_a_champion_products_get_taxonomy_suggestions_and_wait_for_review(
