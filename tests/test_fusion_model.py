@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 
 from shelver.training.dataset import TrainingData
-from shelver.training.evaluate import choose_level_thresholds, choose_threshold, evaluate
+from shelver.training.evaluate import (
+    choose_level_thresholds,
+    choose_threshold,
+    evaluate,
+    loosest_threshold,
+    surest_threshold,
+)
 from shelver.training.export import check_parity, to_onnx
 from shelver.training.fit import (
     LinearModel,
@@ -547,6 +553,39 @@ def test_per_level_thresholds_judge_each_level_on_rows_whose_truth_reaches_it():
     level1, level2 = choose_level_thresholds(truth, probs, labels, target_precision=0.97)
     assert level1 == pytest.approx(0.9)  # every root is right
     assert level2 == pytest.approx(0.6)  # the wrong 0.55 must stay out; row 3 is not counted
+
+
+def test_surest_threshold_asks_a_lower_bound_of_the_target_not_the_point_estimate():
+    # 40 right rows, one wrong, 20 right: 60 of 61 is 0.984 >= 0.97, but the Wilson bound
+    # (z 1) of 61 rows with one error is 0.958; 40 right rows alone bound it at 0.976.
+    confidence = np.linspace(0.99, 0.60, 61)
+    correct = np.ones(61, dtype=bool)
+    correct[40] = False
+    assert loosest_threshold(confidence, correct, 0.97) == pytest.approx(confidence[60])
+    assert surest_threshold(confidence, correct, 0.97, z=1.0) == pytest.approx(confidence[39])
+    # 30 right rows bound precision at 0.968 only: not enough for 0.97.
+    assert surest_threshold(confidence[:30], correct[:30], 0.97, z=1.0) > confidence[0]
+    # z 0 is the point estimate: the same rows are accepted, ties included.
+    rng = np.random.default_rng(5)
+    conf = rng.random(200).round(2)
+    right = rng.random(200) < conf
+    for target in (0.6, 0.8, 0.9):
+        surest = surest_threshold(conf, right, target, z=0.0)
+        loosest = loosest_threshold(conf, right, target)
+        assert np.array_equal(conf >= surest, conf >= loosest)
+
+
+def test_deep_levels_can_ask_the_lower_bound_and_the_top_level_keeps_its_rule():
+    labels = ["A", "A > x", "A > y", "B"]
+    truth = ["A > x", "A > x", "A > y", "A"]
+    probs = np.array(
+        [[0.0, 0.9, 0.1, 0.0], [0.0, 0.6, 0.3, 0.1], [0.0, 0.55, 0.4, 0.05], [0.1, 0.5, 0.3, 0.1]]
+    )
+    point = choose_level_thresholds(truth, probs, labels, target_precision=0.97)
+    bound = choose_level_thresholds(truth, probs, labels, target_precision=0.97, deep_z=1.0)
+    assert bound[0] == point[0] == pytest.approx(0.9)
+    # Two right rows at level 2 are the point estimate's 1.0, but no proof of 0.97.
+    assert point[1] == pytest.approx(0.6) and bound[1] > 0.9
 
 
 def test_balance_evens_out_paths_or_their_top_level_categories():

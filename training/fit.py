@@ -133,6 +133,9 @@ class TrainParams:
     target_precision: float = 0.97
     # Precision counted as if categories were equally common (training/evaluate.py).
     threshold_class_balanced: bool = True
+    # Below the top level, thresholds must meet target_precision by a Wilson lower bound
+    # this many standard errors down, not by the point estimate (training/evaluate.py).
+    threshold_deep_z: float = 1.0
     # Recorded in the artifact so the worker picks encoders as trained.
     encoders: dict = field(default_factory=dict)
 
@@ -780,6 +783,7 @@ def train(
         fitted.labels,
         params.target_precision,
         class_balanced=params.threshold_class_balanced,
+        deep_z=params.threshold_deep_z,
     )
     threshold = level_thresholds[0]
     log.info("thresholds per level: %s", ", ".join(f"{t:.3f}" for t in level_thresholds))
