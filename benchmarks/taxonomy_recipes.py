@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import f1_score
@@ -49,7 +50,7 @@ def top_macro_f1(truth: list[str], predicted: list[str]) -> float:
     return float(f1_score(truth, predicted, average="macro"))
 
 
-def score_tree(data: TrainingData, split, params: TrainParams) -> dict:
+def score_tree(data: TrainingData, split, params: TrainParams, save: Path | None = None) -> dict:
     started = time.perf_counter()
     fitted = fit_model(data, split, params)
     seconds = time.perf_counter() - started
@@ -57,8 +58,20 @@ def score_tree(data: TrainingData, split, params: TrainParams) -> dict:
     probs = predict_keras(fitted, test)
     tree = LabelTree(fitted.labels)
     thresholds = choose_level_thresholds(
-        val.paths, fitted.val_probs, fitted.labels, params.target_precision, class_balanced=True
+        val.paths,
+        fitted.val_probs,
+        fitted.labels,
+        params.target_precision,
+        class_balanced=params.threshold_class_balanced,
+        deep_z=params.threshold_deep_z,
     )
+    if save is not None:
+        # Decoders and threshold rules can then be compared on the same fits, offline.
+        save.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            save, labels=np.array(fitted.labels), val_probs=fitted.val_probs,
+            val_paths=np.array(val.paths), test_probs=probs, test_paths=np.array(test.paths),
+        )  # fmt: skip
     backoff = backoff_metrics(test.paths, probs, fitted.labels, thresholds)
     tops = [tree.root_names[k] for k in tree.root_probs(probs).argmax(axis=1)]
     scores = hierarchical_metrics(test.paths, backoff.pop("candidates"))
@@ -84,6 +97,9 @@ def main() -> None:
     parser.add_argument("--flat", action="store_true", help="also fit today's flat model")
     parser.add_argument(
         "--balance", default="path", help="TrainParams.balance values to compare, comma-separated"
+    )
+    parser.add_argument(
+        "--save", type=Path, help="folder for each tree fit's validation and test probabilities"
     )
     args = parser.parse_args()
     results = []
@@ -122,7 +138,8 @@ def main() -> None:
                 )
                 recipe = f"tree_rank_{rank}_{balance}"
                 row = {"dataset": dataset, "seed": seed, "recipe": recipe}
-                row.update(score_tree(data, split, params))
+                save = args.save / f"{dataset}-{recipe}-s{seed}.npz" if args.save else None
+                row.update(score_tree(data, split, params, save))
                 results.append(row)
                 print(json.dumps(row), flush=True)
     print("summary (mean over seeds):")
