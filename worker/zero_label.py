@@ -38,14 +38,16 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
+from shelver.catalog import embeddings as cache
 from shelver.catalog.categories import SEPARATOR
 from shelver.worker.classify import Classifier, FusionClassifier, Outcome, ScoredBatch
 from shelver.worker.encoders import ImageEncoder, TextEncoder
@@ -84,6 +86,21 @@ DESCRIPTION_SHARE = 0.5
 # path accuracy 0.514 -> 0.576 there (docs/cold_start.md, "Accessory nodes").
 ACCESSORY_PENALTY = 0.08
 ACCESSORY_NAME = re.compile(r"\b(accessory|accessories|parts)\b", re.IGNORECASE)
+# Self-training on the catalog's own products (``adapt_vectors``), chosen on the dev half
+# of benchmarks/cold_start.py's set with the other shared rows as the catalog
+# (docs/cold_start.md, "Adapting to the catalog"): the more confident half of the
+# suggestions count (0.3 and 0.7 did worse), a category needs 3 of them to move (2 and 10
+# did worse), and its vector becomes 0.9 their centroid, 0.1 its name (0.3-0.7 did worse,
+# 1.0 tied). One pass: a second and third did worse.
+ADAPT_QUANTILE = 0.5
+ADAPT_MIN_PRODUCTS = 3
+ADAPT_SHARE = 0.9
+# The adapted scorer's shown confidence: its level-1 probabilities were best calibrated at
+# this temperature on the dev half (0.015-0.04 tried), sharper ones overconfident.
+ADAPTED_CONFIDENCE_TEMPERATURE = 0.04
+# At most this many products are read (a fixed sample beyond): 150 MB of text vectors.
+ADAPT_MAX_PRODUCTS = 100_000
+ADAPT_READ_CHUNK = 1_000
 # Bumped whenever category_vectors, the artifact layout or how the scorer uses the vectors
 # changes, so old rows are not reused and predictions name the recipe that made them.
 RECIPE = 2
@@ -152,7 +169,11 @@ class ZeroLabelScorer:
     """Category vectors and the tree they span; scores product vectors against them."""
 
     def __init__(
-        self, paths: Sequence[str], vectors: np.ndarray, temperature: float = TEMPERATURE
+        self,
+        paths: Sequence[str],
+        vectors: np.ndarray,
+        temperature: float = TEMPERATURE,
+        confidence_temperature: float = CONFIDENCE_TEMPERATURE,
     ) -> None:
         if len(paths) != len(vectors):
             raise ValueError(f"{len(paths)} category paths but {len(vectors)} vectors")
@@ -161,6 +182,7 @@ class ZeroLabelScorer:
         self.paths = self.tree.labels
         self.vectors = np.asarray(vectors, dtype=np.float32)
         self.temperature = temperature
+        self.confidence_temperature = confidence_temperature
         node_of = {node: i for i, node in enumerate(self.tree.nodes)}
         self._node_of = node_of
         # For each root, the label columns in its branch.
@@ -193,7 +215,7 @@ class ZeroLabelScorer:
         # Probabilities people see: sharper, so that the chosen branch's probability
         # matches how often its top level is right (level-1 ECE 0.079 on the dev half,
         # against 0.32 at the deciding temperature; 0.072 on test).
-        shown = self.node_probabilities(similarity, CONFIDENCE_TEMPERATURE)
+        shown = self.node_probabilities(similarity, self.confidence_temperature)
         verdicts = []
         for sim, n, calibrated in zip(similarity, deciding, shown, strict=True):
             root = int(self.tree.roots[np.argmax(n[self.tree.roots])])
@@ -216,6 +238,7 @@ class ZeroLabelScorer:
             buffer,
             vectors=self.vectors,
             paths=np.frombuffer(json.dumps(self.paths).encode(), dtype=np.uint8),
+            confidence_temperature=np.array(self.confidence_temperature),
         )
         return buffer.getvalue()
 
@@ -223,7 +246,13 @@ class ZeroLabelScorer:
     def from_bytes(cls, artifact: bytes) -> ZeroLabelScorer:
         with np.load(io.BytesIO(artifact), allow_pickle=False) as data:
             paths = json.loads(data["paths"].tobytes().decode())
-            return cls(paths, data["vectors"])
+            # Rows stored before adaptation existed have none: theirs was the default.
+            confidence = (
+                float(data["confidence_temperature"])
+                if "confidence_temperature" in data
+                else CONFIDENCE_TEMPERATURE
+            )
+            return cls(paths, data["vectors"], confidence_temperature=confidence)
 
 
 @dataclass(frozen=True)
@@ -263,17 +292,36 @@ def category_paths(conn: Connection) -> list[str]:
     return catalog_categories(conn)[0]
 
 
+ADAPTED_SQL = text(
+    """
+    SELECT id, version, sha256, artifact FROM model_versions
+    WHERE status = 'zero_label' AND metrics->>'adapted_from' = :version
+    ORDER BY metrics->>'adapted_at' DESC
+    LIMIT 1
+    """
+)
+"""The latest adaptation of a taxonomy's vectors to its catalog (``adapt_zero_label_model``)."""
+
+
 def ensure_zero_label_model(
-    engine: Engine, text_encoder: TextEncoder, temperature: float = TEMPERATURE
+    engine: Engine,
+    text_encoder: TextEncoder,
+    temperature: float = TEMPERATURE,
+    *,
+    adapted: bool = True,
 ) -> ZeroLabelModel | None:
     """The zero-label scorer of the catalog's categories as they are now, or None if it has
-    none. Encodes the category names only when this taxonomy has no stored row yet."""
+    none: the latest adaptation to the catalog's products when there is one (and
+    ``adapted``), else the taxonomy's own vectors. Encodes the category names only when
+    this taxonomy has no stored row yet."""
     with engine.connect() as conn:
         paths, descriptions = catalog_categories(conn)
         if not paths:
             return None
         version = VERSION_PREFIX + taxonomy_key(paths, text_encoder.identity, descriptions)
-        row = conn.execute(FIND_SQL, {"version": version}).one_or_none()
+        row = conn.execute(ADAPTED_SQL, {"version": version}).one_or_none() if adapted else None
+        if row is None:
+            row = conn.execute(FIND_SQL, {"version": version}).one_or_none()
     if row is None:
         log.info("encoding %d categories for the zero-label scorer", len(paths))
         vectors = category_vectors(paths, text_encoder, descriptions)
@@ -291,6 +339,11 @@ def ensure_zero_label_model(
         with engine.begin() as conn:
             conn.execute(INSERT_SQL, params)
             row = conn.execute(FIND_SQL, {"version": version}).one()
+    return model_from_row(row, temperature)
+
+
+def model_from_row(row: Sequence, temperature: float = TEMPERATURE) -> ZeroLabelModel:
+    """A stored scorer row (id, version, sha256, artifact), its artifact checked."""
     model_version_id, version, sha256, artifact = row
     artifact = bytes(artifact)
     if hashlib.sha256(artifact).hexdigest() != sha256:
@@ -301,6 +354,179 @@ def ensure_zero_label_model(
     scorer = ZeroLabelScorer.from_bytes(artifact)
     scorer.temperature = temperature
     return ZeroLabelModel(model_version_id, version, scorer)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """Category vectors moved toward the catalog's products, and what moved them."""
+
+    vectors: np.ndarray
+    products: int  # product vectors scored
+    counted: int  # their suggestions at or above the confidence cut
+    cut: float  # that cut: the ADAPT_QUANTILE of the suggestions' confidence
+    moved: int  # categories with at least ADAPT_MIN_PRODUCTS counted suggestions
+    too_few: int  # categories with counted suggestions, but fewer: left as they were
+
+
+def adapt_vectors(
+    scorer: ZeroLabelScorer, product_vectors: np.ndarray, chunk: int = 2_000
+) -> Adaptation:
+    """Self-training, one pass, no labels: the scorer suggests a category for every
+    product; the more confident half of those suggestions (``ADAPT_QUANTILE``) count;
+    a category with at least ``ADAPT_MIN_PRODUCTS`` of them gets ``ADAPT_SHARE`` of their
+    centroid in its vector, the rest its own vector. Every other category is unchanged.
+
+    A category's name says little of what a catalog puts in it ("Software" of video
+    games); the products the scorer is surest of say more, and they pull their look-alikes
+    that the name alone missed.
+    """
+    product_vectors = np.asarray(product_vectors, dtype=np.float32)
+    position = {path: k for k, path in enumerate(scorer.paths)}
+    assigned = np.empty(len(product_vectors), dtype=np.int64)
+    confidence = np.empty(len(product_vectors), dtype=np.float64)
+    # In chunks: the similarities of every product to thousands of nodes at once would
+    # take gigabytes.
+    for start in range(0, len(product_vectors), chunk):
+        verdicts = scorer.score(product_vectors[start : start + chunk])
+        for i, verdict in enumerate(verdicts, start):
+            assigned[i], confidence[i] = position[verdict.category], verdict.confidence
+    cut = float(np.quantile(confidence, ADAPT_QUANTILE)) if len(confidence) else 1.0
+    counted = confidence >= cut
+    vectors = scorer.vectors.copy()
+    members = np.bincount(assigned[counted], minlength=len(scorer.paths))
+    moving = np.nonzero(members >= ADAPT_MIN_PRODUCTS)[0]
+    for k in moving:
+        centroid = product_vectors[counted & (assigned == k)].mean(axis=0)
+        mixed = (1 - ADAPT_SHARE) * scorer.vectors[k] + ADAPT_SHARE * (
+            centroid / np.linalg.norm(centroid)
+        )
+        vectors[k] = mixed / np.linalg.norm(mixed)
+    return Adaptation(
+        vectors=vectors,
+        products=len(product_vectors),
+        counted=int(counted.sum()),
+        cut=cut,
+        moved=len(moving),
+        too_few=int(((members > 0) & (members < ADAPT_MIN_PRODUCTS)).sum()),
+    )
+
+
+@dataclass(frozen=True)
+class AdaptReport:
+    """What ``adapt_zero_label_model`` read, used and stored."""
+
+    version: str
+    adapted_from: str
+    catalog_products: int  # products in the catalog
+    read: int  # of them read (at most max_products)
+    no_text: int  # of those, without usable text: not used
+    adaptation: Adaptation
+
+
+PRODUCTS_SQL = text(
+    """
+    SELECT id, content_hash, name, description FROM products
+    ORDER BY md5(id::text)
+    LIMIT :limit
+    """
+)
+"""A fixed pseudo-random sample when the catalog has more products than are read."""
+
+ADAPTED_INSERT_SQL = text(
+    """
+    INSERT INTO model_versions (version, status, artifact, sha256, labels, encoders, metrics,
+                                threshold)
+    VALUES (:version, 'zero_label', :artifact, :sha256, CAST(:labels AS jsonb),
+            CAST(:encoders AS jsonb), CAST(:metrics AS jsonb), 1.0)
+    ON CONFLICT (version) DO UPDATE SET metrics = EXCLUDED.metrics
+    """
+)
+"""The same vectors again (a re-run on the same products) refresh ``adapted_at``, so the
+latest adaptation is the one served."""
+
+
+def adapt_zero_label_model(
+    engine: Engine,
+    text_encoder: TextEncoder,
+    image_encoder: ImageEncoder,
+    image_settings: ImageSettings,
+    *,
+    max_products: int = ADAPT_MAX_PRODUCTS,
+    on_read: Callable[[int], None] | None = None,
+) -> AdaptReport:
+    """Adapt the catalog's zero-label scorer to its own products (``adapt_vectors``) and
+    store the result as a new ``zero_label`` row, which workers and ``shelver evaluate``
+    serve from their next look (``ensure_zero_label_model``). No label is read.
+
+    Products' text vectors come from the embedding cache where they are there, and the new
+    ones are stored in it. Raises LookupError without categories and ValueError when no
+    category could move (too few products).
+    """
+    base = ensure_zero_label_model(engine, text_encoder, adapted=False)
+    if base is None:
+        raise LookupError("the catalog has no categories; load a taxonomy first")
+    with engine.connect() as conn:
+        catalog_products = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
+        rows = conn.execute(PRODUCTS_SQL, {"limit": max_products}).all()
+    products = [ProductContent(r.id, r.content_hash, r.name, r.description, None) for r in rows]
+    vectors, no_text = [], 0
+    for start in range(0, len(products), ADAPT_READ_CHUNK):
+        part = products[start : start + ADAPT_READ_CHUNK]
+        with Session(engine) as db, db.begin():
+            features = embed_products(
+                db, part, text_encoder, image_encoder, image_settings,
+                text_packing=DEFAULT_TEXT_PACKING,
+            )  # fmt: skip
+            cache.put(db, text_encoder.identity, features.new_text)
+        usable = [i for i, t in enumerate(features.inputs.texts) if t.strip()]
+        no_text += len(part) - len(usable)
+        vectors.append(features.inputs.text_emb[usable])
+        if on_read is not None:
+            on_read(len(part))
+    product_vectors = np.vstack(vectors) if vectors else np.zeros((0, text_encoder.dim))
+    adaptation = adapt_vectors(base.scorer, product_vectors)
+    if adaptation.moved == 0:
+        raise ValueError(
+            f"no category moved: of {adaptation.products} products with text, no category "
+            f"got {ADAPT_MIN_PRODUCTS} of the more confident half of the suggestions; "
+            "import more products and run it again"
+        )
+    scorer = ZeroLabelScorer(
+        base.scorer.paths,
+        adaptation.vectors,
+        confidence_temperature=ADAPTED_CONFIDENCE_TEMPERATURE,
+    )
+    artifact = scorer.to_bytes()
+    sha256 = hashlib.sha256(artifact).hexdigest()
+    version = f"{base.version}-adapted-{sha256[:10]}"
+    metrics = {
+        "kind": "zero_label",
+        "adapted_from": base.version,
+        "adapted_at": datetime.now(UTC).isoformat(),
+        "catalog_products": catalog_products,
+        "products": adaptation.products,
+        "no_text": no_text,
+        "counted": adaptation.counted,
+        "confidence_cut": round(adaptation.cut, 6),
+        "moved": adaptation.moved,
+        "too_few": adaptation.too_few,
+        "adapt": {"quantile": ADAPT_QUANTILE, "min_products": ADAPT_MIN_PRODUCTS,
+                  "share": ADAPT_SHARE},
+        "recipe": RECIPE,
+    }  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(
+            ADAPTED_INSERT_SQL,
+            {
+                "version": version,
+                "artifact": artifact,
+                "sha256": sha256,
+                "labels": json.dumps(scorer.paths),
+                "encoders": json.dumps({"text": text_encoder.identity}),
+                "metrics": json.dumps(metrics),
+            },
+        )
+    return AdaptReport(version, base.version, catalog_products, len(rows), no_text, adaptation)
 
 
 class ZeroLabelClassifier:

@@ -6,9 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress
+from sqlalchemy import text
 
 from shelver.catalog.db import get_engine
+from shelver.catalog.settings import get_settings
 from shelver.catalog.taxonomy import TaxonomyFormatError, import_taxonomy
+from shelver.training import registry
 from shelver.worker.cli.terminal import UserError, console, err_console
 
 app = typer.Typer(help="Category taxonomies.", no_args_is_help=True)
@@ -54,3 +58,67 @@ def taxonomy_import(
         )
     if report.skipped:
         raise typer.Exit(1)
+
+
+@app.command("adapt")
+def taxonomy_adapt(
+    max_products: Annotated[
+        int,
+        typer.Option(min=1, help="Read at most this many products (a fixed sample beyond)."),
+    ] = 100_000,
+) -> None:
+    """Adapt the zero-label scorer to the catalog's own products; no label is read.
+
+    Every product gets the taxonomy's suggestion; the categories with at least three of the
+    more confident half of them move toward those products (docs/cold_start.md). Workers
+    serve the result from their next look; products already suggested keep their
+    suggestion until `shelver backfill --stale` re-scores them. Run it again as products
+    arrive: each run starts from the taxonomy's own vectors.
+    """
+    # Imported here: the encoders load onnxruntime, which `shelver taxonomy import` needs not.
+    from shelver.worker.encoders import load_encoders
+    from shelver.worker.zero_label import ADAPT_MIN_PRODUCTS, adapt_zero_label_model
+
+    settings = get_settings()
+    engine = get_engine()
+    text_encoder, image_encoder = load_encoders(settings.model_dir)
+    with engine.connect() as conn:
+        total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
+        champion = registry.champion(conn)
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn())
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("products read", total=min(total, max_products))
+            report = adapt_zero_label_model(
+                engine, text_encoder, image_encoder, settings,
+                max_products=max_products, on_read=lambda n: bar.advance(task, n),
+            )  # fmt: skip
+    except (LookupError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    a = report.adaptation
+    if report.read < report.catalog_products:
+        err_console.print(
+            f"read {report.read:,} of the catalog's {report.catalog_products:,} products "
+            "(a fixed sample); --max-products to read more"
+        )
+    if report.no_text:
+        err_console.print(
+            f"{report.no_text:,} products without usable text not used: give them a name"
+        )
+    console.print(
+        f"{a.products:,} products suggested a category; the {a.counted:,} at confidence "
+        f"{a.cut:.3f} or more counted"
+    )
+    console.print(
+        f"{a.moved:,} of {len(a.vectors):,} categories moved toward their products; "
+        f"{a.too_few:,} had fewer than {ADAPT_MIN_PRODUCTS} and kept their vectors"
+    )
+    console.print(f"stored {report.version} (from {report.adapted_from})")
+    console.print(
+        "products suggested before keep their suggestion until `shelver backfill --stale`"
+    )
+    if champion is not None:
+        console.print(
+            f"the worker serves champion {champion.version}: the adapted scorer is used only "
+            "with SHELVER_ZERO_LABEL_MERGE=1, or when there is no champion"
+        )
