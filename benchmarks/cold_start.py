@@ -8,13 +8,19 @@ prefix of its own path that the mapping lists. At most 60 rows per (data set, Go
 node) are drawn with a fixed seed, and each row falls in ``dev`` or ``test`` by a hash
 of its id: choices (texts, temperature) were made on ``dev``; ``test`` is reported.
 
-Two scorers, both with only the taxonomy and the exported MiniLM text encoder:
+Scorers, all with only the taxonomy and the exported MiniLM text encoder, no label:
 - ``nearest_path``: each node's whole path embedded as text, the closest one wins (the
   issue's baseline);
-- ``zero_label``: worker/zero_label.py, what the worker serves without a champion.
+- ``zero_label``: worker/zero_label.py, what the worker serves without a champion;
+- ``adapted_inductive``: the same after ``shelver taxonomy adapt`` (``adapt_vectors``) on a
+  catalog of every shared row (Best Buy, Flipkart, PriceRunner: 29,625) except the half
+  being scored, so no scored product moved a vector;
+- ``adapted``: the same on a catalog of every shared row, the scored ones among them, as
+  the command does on a real catalog (labels are never read either way).
 
 A CSV whose ``category_path`` already uses the taxonomy's paths can be given instead of
-the built set (``--csv``); then every row counts as ``test``.
+the built set (``--csv``); then every row counts as ``test``, and the catalog of the
+adapted scorers is the CSV's own rows (``adapted_inductive`` is left out).
 
 Run: .venv/bin/python benchmarks/cold_start.py [--json OUT] [--write-set OUT.csv]
 """
@@ -39,7 +45,12 @@ from shelver.training.evaluate import expected_calibration_error
 from shelver.training.hierarchy import hierarchical_metrics, split_path
 from shelver.worker.encoders import TextEncoder, load_encoders
 from shelver.worker.inputs import DEFAULT_TEXT_PACKING, ProductContent, pack_texts
-from shelver.worker.zero_label import ZeroLabelScorer, category_vectors
+from shelver.worker.zero_label import (
+    ADAPTED_CONFIDENCE_TEMPERATURE,
+    ZeroLabelScorer,
+    adapt_vectors,
+    category_vectors,
+)
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"
@@ -101,9 +112,63 @@ def read_set(path: Path) -> list[dict]:
         ]
 
 
+def shared_rows(shared: Path) -> list[dict]:
+    """Every row of the shared sets: the catalog the adapted scorers learn from (text only)."""
+    rows = []
+    for dataset in DATASETS:
+        with (shared / dataset / "products.csv").open(encoding="utf-8", newline="") as fh:
+            rows += [{**r, "dataset": dataset} for r in csv.DictReader(fh)]
+    return rows
+
+
+def adapted_scorer(scorer: ZeroLabelScorer, catalog: np.ndarray) -> ZeroLabelScorer:
+    """What ``shelver taxonomy adapt`` serves after reading these product vectors."""
+    vectors = adapt_vectors(scorer, catalog).vectors
+    return ZeroLabelScorer(
+        scorer.paths, vectors, confidence_temperature=ADAPTED_CONFIDENCE_TEMPERATURE
+    )
+
+
+def encode_rows(encoder: TextEncoder, rows: list[dict]) -> np.ndarray:
+    products = [ProductContent(0, "", r["name"], r["description"], None) for r in rows]
+    return encoder.encode(pack_texts(products, DEFAULT_TEXT_PACKING))
+
+
 def nearest_path(paths: list[str], encoder: TextEncoder, products: np.ndarray) -> list[str]:
     vectors = encoder.encode(paths)
     return [paths[k] for k in (products @ vectors.T).argmax(axis=1)]
+
+
+def answers(verdicts: list) -> tuple[list[str], np.ndarray]:
+    return [v.category for v in verdicts], np.array([v.confidence for v in verdicts])
+
+
+def adapted_answers(
+    scorer: ZeroLabelScorer,
+    encoder: TextEncoder,
+    rows: list[dict],
+    vectors: np.ndarray,
+    built: bool,
+) -> dict[str, tuple[list[str], np.ndarray]]:
+    """The adapted scorers' answers for ``rows`` (see the module's docstring)."""
+    if not built:
+        return {"adapted": answers(adapted_scorer(scorer, vectors).score(vectors))}
+    catalog = shared_rows(SHARED)
+    started = time.perf_counter()
+    catalog_vectors = encode_rows(encoder, catalog)
+    print(f"{len(catalog)} shared rows encoded in {time.perf_counter() - started:.0f} s")
+    position = {(r["dataset"], r["id"]): k for k, r in enumerate(catalog)}
+    result = {"adapted": answers(adapted_scorer(scorer, catalog_vectors).score(vectors))}
+    predicted, confidence = [""] * len(rows), np.zeros(len(rows))
+    for split in ("dev", "test"):
+        scored = [i for i, r in enumerate(rows) if r["split"] == split]
+        held = {position[(rows[i]["dataset"], rows[i]["id"])] for i in scored}
+        others = [k for k in range(len(catalog)) if k not in held]
+        half = adapted_scorer(scorer, catalog_vectors[others]).score(vectors[scored])
+        for i, verdict in zip(scored, half, strict=True):
+            predicted[i], confidence[i] = verdict.category, verdict.confidence
+    result["adapted_inductive"] = (predicted, confidence)
+    return result
 
 
 def figures(truth: list[str], predicted: list[str], confidence: np.ndarray | None) -> dict:
@@ -130,6 +195,9 @@ def main() -> None:
     parser.add_argument("--mapping", type=Path, default=MAPPING)
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--write-set", type=Path, help="write the built labeled set here")
+    parser.add_argument(
+        "--no-adapt", action="store_true", help="leave out the adapted scorers (saves minutes)"
+    )
     args = parser.parse_args()
 
     rows = read_set(args.csv) if args.csv else build_set(SHARED, args.mapping)
@@ -147,14 +215,17 @@ def main() -> None:
     started = time.perf_counter()
     scorer = ZeroLabelScorer(paths, category_vectors(paths, text_encoder))
     index_seconds = time.perf_counter() - started
-    products = [ProductContent(0, "", r["name"], r["description"], None) for r in rows]
     started = time.perf_counter()
-    vectors = text_encoder.encode(pack_texts(products, DEFAULT_TEXT_PACKING))
+    vectors = encode_rows(text_encoder, rows)
     verdicts = scorer.score(vectors)
     score_seconds = time.perf_counter() - started
-    suggested = [v.category for v in verdicts]
-    confidence = np.array([v.confidence for v in verdicts])
     baseline = nearest_path(paths, text_encoder, vectors)
+    scorers: dict[str, tuple[list[str], np.ndarray | None]] = {
+        "nearest_path": (baseline, None),
+        "zero_label": answers(verdicts),
+    }
+    if not args.no_adapt:
+        scorers.update(adapted_answers(scorer, text_encoder, rows, vectors, built=not args.csv))
 
     report: dict = {
         "taxonomy": str(args.taxonomy.name),
@@ -169,10 +240,7 @@ def main() -> None:
         groups[split] = [r["split"] == split for r in rows]
     for dataset in sorted({r["dataset"] for r in rows}):
         groups[f"test/{dataset}"] = [r["split"] == "test" and r["dataset"] == dataset for r in rows]
-    for name, predicted, conf in (
-        ("nearest_path", baseline, None),
-        ("zero_label", suggested, confidence),
-    ):
+    for name, (predicted, conf) in scorers.items():
         report["scorers"][name] = {}
         for group, mask in groups.items():
             if not any(mask):
