@@ -30,6 +30,7 @@ from shelver.worker.zero_label import (
     adapt_zero_label_model,
     ensure_zero_label_model,
     serving_classifier,
+    withdraw_adaptations,
 )
 
 GOOGLE_HEAD = (
@@ -177,6 +178,17 @@ def test_an_adapted_scorer_is_stored_and_served_and_its_source_kept(
     latest = ensure_zero_label_model(engine, text_encoder)
     assert latest is not None and latest.version == newer.version
 
+    # Undone: the taxonomy's own vectors are served again, the rows kept; adapting again
+    # serves again, the same vectors included.
+    assert withdraw_adaptations(engine, text_encoder) == (base.version, 2)
+    assert withdraw_adaptations(engine, text_encoder) == (base.version, 0)
+    undone = ensure_zero_label_model(engine, text_encoder)
+    assert undone is not None and undone.version == base.version and adapted_rows(engine) == 2
+    redone = adapt_zero_label_model(engine, text_encoder, image_encoder, settings)
+    assert redone.version == newer.version
+    served_again = ensure_zero_label_model(engine, text_encoder)
+    assert served_again is not None and served_again.version == newer.version
+
 
 def test_adapting_without_categories_or_enough_products_stores_nothing(
     engine: Engine, encoders: tuple[TextEncoder, ImageEncoder], fixture_data: Path
@@ -224,3 +236,7 @@ def test_the_command_reports_what_it_read_used_and_stored(
     # Fewer products read than the catalog holds, said with the way to read them all.
     assert "read 16 of the catalog's 17 products" in " ".join(result.stderr.split())
     assert "--max-products" in result.stderr
+
+    undone = adapt("--undo")
+    assert undone.returncode == 0, undone.stderr
+    assert "1 adaptation(s) withdrawn" in " ".join(undone.stdout.split())

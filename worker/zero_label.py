@@ -22,8 +22,14 @@ key a hash of the sorted category paths and the encoder identity, so every worke
 ``shelver evaluate`` reuse them and a changed taxonomy gets its own row, and predictions
 name the scorer that made them.
 
+``shelver taxonomy adapt`` (``adapt_zero_label_model``) lets the catalog's own products
+say what its categories hold, without a label: the categories the scorer is surest of
+products for move toward those products (``adapt_vectors``), stored as another
+``zero_label`` row that names its source and is served instead of it from the next look.
+
 API:
     model = ensure_zero_label_model(engine, text_encoder)   # None without categories
+    report = adapt_zero_label_model(engine, text_encoder, image_encoder, settings)
     verdicts = model.scorer.score(product_vectors)
     classifier = ZeroLabelClassifier(text_encoder, image_encoder, model, image_settings)
 """
@@ -296,11 +302,22 @@ ADAPTED_SQL = text(
     """
     SELECT id, version, sha256, artifact FROM model_versions
     WHERE status = 'zero_label' AND metrics->>'adapted_from' = :version
+      AND NOT metrics ? 'withdrawn'
     ORDER BY metrics->>'adapted_at' DESC
     LIMIT 1
     """
 )
 """The latest adaptation of a taxonomy's vectors to its catalog (``adapt_zero_label_model``)."""
+
+WITHDRAW_SQL = text(
+    """
+    UPDATE model_versions
+    SET metrics = metrics || jsonb_build_object('withdrawn', CAST(:at AS text))
+    WHERE status = 'zero_label' AND metrics->>'adapted_from' = :version
+      AND NOT metrics ? 'withdrawn'
+    """
+)
+"""Rows are kept (predictions name them); a withdrawn one is no longer served."""
 
 
 def ensure_zero_label_model(
@@ -527,6 +544,20 @@ def adapt_zero_label_model(
             },
         )
     return AdaptReport(version, base.version, catalog_products, len(rows), no_text, adaptation)
+
+
+def withdraw_adaptations(engine: Engine, text_encoder: TextEncoder) -> tuple[str, int]:
+    """Go back to the taxonomy's own vectors: the current taxonomy's adaptations are no
+    longer served (a new ``adapt`` serves again). Returns the taxonomy scorer's version and
+    how many adaptations were withdrawn."""
+    base = ensure_zero_label_model(engine, text_encoder, adapted=False)
+    if base is None:
+        raise LookupError("the catalog has no categories; load a taxonomy first")
+    with engine.begin() as conn:
+        withdrawn = conn.execute(
+            WITHDRAW_SQL, {"version": base.version, "at": datetime.now(UTC).isoformat()}
+        ).rowcount
+    return base.version, withdrawn
 
 
 class ZeroLabelClassifier:

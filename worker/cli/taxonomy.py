@@ -66,6 +66,10 @@ def taxonomy_adapt(
         int,
         typer.Option(min=1, help="Read at most this many products (a fixed sample beyond)."),
     ] = 100_000,
+    undo: Annotated[
+        bool,
+        typer.Option("--undo", help="Serve the taxonomy's own vectors again; reads nothing."),
+    ] = False,
 ) -> None:
     """Adapt the zero-label scorer to the catalog's own products; no label is read.
 
@@ -77,11 +81,25 @@ def taxonomy_adapt(
     """
     # Imported here: the encoders load onnxruntime, which `shelver taxonomy import` needs not.
     from shelver.worker.encoders import load_encoders
-    from shelver.worker.zero_label import ADAPT_MIN_PRODUCTS, adapt_zero_label_model
+    from shelver.worker.zero_label import (
+        ADAPT_MIN_PRODUCTS,
+        adapt_zero_label_model,
+        withdraw_adaptations,
+    )
 
     settings = get_settings()
     engine = get_engine()
     text_encoder, image_encoder = load_encoders(settings.model_dir)
+    if undo:
+        try:
+            version, withdrawn = withdraw_adaptations(engine, text_encoder)
+        except LookupError as exc:
+            raise UserError(str(exc)) from exc
+        console.print(
+            f"{withdrawn} adaptation(s) withdrawn; workers serve {version} from their next "
+            "look, and `shelver backfill --stale` re-scores what the adapted one suggested"
+        )
+        return
     with engine.connect() as conn:
         total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
         champion = registry.champion(conn)
