@@ -123,9 +123,12 @@ def shared_rows(shared: Path) -> list[dict]:
 
 def adapted_scorer(scorer: ZeroLabelScorer, catalog: np.ndarray) -> ZeroLabelScorer:
     """What ``shelver taxonomy adapt`` serves after reading these product vectors."""
-    vectors = adapt_vectors(scorer, catalog).vectors
+    adaptation = adapt_vectors(scorer, catalog)
     return ZeroLabelScorer(
-        scorer.paths, vectors, confidence_temperature=ADAPTED_CONFIDENCE_TEMPERATURE
+        scorer.paths,
+        adaptation.vectors,
+        confidence_temperature=ADAPTED_CONFIDENCE_TEMPERATURE,
+        catalog_prior=adaptation.catalog_prior,
     )
 
 

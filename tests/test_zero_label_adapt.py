@@ -24,6 +24,7 @@ from shelver.worker.runtime import Runtime
 from shelver.worker.zero_label import (
     ADAPT_SHARE,
     ADAPTED_CONFIDENCE_TEMPERATURE,
+    CATALOG_PRIOR,
     ZeroLabelClassifier,
     ZeroLabelScorer,
     adapt_vectors,
@@ -89,8 +90,29 @@ def test_a_category_moves_toward_the_products_it_is_surest_of_and_only_those() -
     )
     # The unsure products were suggested "Toys" but did not count, so it did not move.
     np.testing.assert_array_equal(adaptation.vectors[1], toys)
-    adapted = ZeroLabelScorer(scorer.paths, adaptation.vectors)
+    # The catalog prior: each category's counted share against an even one, plus one each.
+    np.testing.assert_allclose(
+        adaptation.catalog_prior, CATALOG_PRIOR * np.log(np.array([7, 2]) / 9 * 2), rtol=1e-6
+    )
+    adapted = ZeroLabelScorer(
+        scorer.paths, adaptation.vectors, catalog_prior=adaptation.catalog_prior
+    )
     assert adapted.score(vague_game[None])[0].category == "Software"
+    stored = ZeroLabelScorer.from_bytes(adapted.to_bytes())
+    np.testing.assert_array_equal(stored.prior, adapted.prior)
+
+
+def test_a_catalog_prior_tips_a_tie_toward_the_category_the_catalog_fills() -> None:
+    paths = ["Full", "Empty"]
+    scorer = ZeroLabelScorer(paths, np.stack([unit(1, 0), unit(0, 1)]))
+    torn = unit(1, 1.02)[None]  # a hair closer to "Empty"
+    assert scorer.score(torn)[0].category == "Empty"
+    prior = np.array([0.01, -0.01], dtype=np.float32)
+    assert ZeroLabelScorer(paths, scorer.vectors, catalog_prior=prior).score(torn)[0].category == (
+        "Full"
+    )
+    with pytest.raises(ValueError, match="catalog prior"):
+        ZeroLabelScorer(paths, scorer.vectors, catalog_prior=np.zeros(3))
 
 
 def test_adapting_with_no_product_moves_nothing() -> None:
@@ -134,6 +156,7 @@ def test_an_adapted_scorer_is_stored_and_served_and_its_source_kept(
     assert served is not None and served.version == report.version
     assert served.scorer.confidence_temperature == ADAPTED_CONFIDENCE_TEMPERATURE
     assert served.scorer.paths == base.scorer.paths
+    assert served.scorer.catalog_prior is not None and base.scorer.catalog_prior is None
     moved = np.any(served.scorer.vectors != base.scorer.vectors, axis=1).sum()
     assert moved == a.moved
     # The taxonomy's own vectors stay, and are what the next adaptation starts from.
