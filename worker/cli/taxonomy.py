@@ -73,11 +73,13 @@ def taxonomy_adapt(
 ) -> None:
     """Adapt the zero-label scorer to the catalog's own products; no label is read.
 
-    Every product gets the taxonomy's suggestion; the categories with at least three of the
-    more confident half of them move toward those products (docs/cold_start.md). Workers
-    serve the result from their next look; products already suggested keep their
-    suggestion until `shelver backfill --stale` re-scores them. Run it again as products
-    arrive: each run starts from the taxonomy's own vectors.
+    Categories move toward the products they are surest of, and lean to those the catalog fills.
+
+    Workers serve it from their next look (docs/cold_start.md).
+
+    Products suggested before keep their suggestion until `shelver backfill --stale`.
+
+    Run it again as products arrive: each run starts from the taxonomy's own vectors.
     """
     # Imported here: the encoders load onnxruntime, which `shelver taxonomy import` needs not.
     from shelver.worker.encoders import load_encoders
