@@ -109,3 +109,19 @@ def category_ids(db: Executor, paths: Iterable[str]) -> dict[str, int]:
         return {}
     found = dict(db.execute(IDS_SQL, {"paths": sorted(set(given.values()))}).all())
     return {path: found[norm] for path, norm in given.items() if norm in found}
+
+
+CATEGORIES_MD5_SQL = text(
+    """
+    SELECT md5(coalesce(string_agg(path || E'\\t' || coalesce(description, ''), E'\\n'
+                                   ORDER BY path), ''))
+    FROM categories
+    """
+)
+
+
+def categories_md5(db: Executor) -> str:
+    """The taxonomy as the zero-label scorer reads it (paths and descriptions), in one digest
+    SQL alone computes: an adaptation stores it, and ``shelver beat`` compares it with the
+    current one without loading an encoder."""
+    return db.execute(CATEGORIES_MD5_SQL).scalar_one()

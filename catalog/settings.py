@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     retrain_min_new_labels: int = Field(
         100, description="Labels added or changed since the last run needed to retrain."
     )
+    adapt_min_new_products: int = Field(
+        1_000,
+        ge=0,
+        description="At SHELVER_RETRAIN_CRON times, `shelver beat` adapts the zero-label "
+        "scorer to the catalog (`shelver taxonomy adapt`) once this many products arrived "
+        "since the last adaptation, or the taxonomy changed; 0: never on a schedule.",
+    )
 
     def require_database_url(self) -> str:
         """The database URL in SQLAlchemy form, with the psycopg2 driver made explicit."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
-from support import insert_products, scalar
+from support import SHELVER, insert_products, running, scalar, wait_for, worker_env
 
 from shelver.catalog.queue import claim_batch
 from shelver.catalog.settings import Settings
@@ -194,8 +194,12 @@ def test_an_adapted_scorer_is_stored_and_served_and_its_source_kept(
     # The same products again: the same vectors, one row, refreshed rather than duplicated.
     again = adapt_zero_label_model(engine, text_encoder, image_encoder, settings)
     assert again.version == report.version and adapted_rows(engine) == 1
-    # More products: another adaptation, and the latest is served.
-    insert_products(engine, [{"sku": "more", "name": "Cat litter box liners, 10 pack"}])
+    # More products: another adaptation, and the latest is served. (The same names again,
+    # so the same ones count, twice as many: the catalog prior moves whatever the encoder's
+    # rounding.)
+    insert_products(
+        engine, [{"sku": f"more{i}", "name": name} for i, name in enumerate(TOYS + LITTER)]
+    )
     newer = adapt_zero_label_model(engine, text_encoder, image_encoder, settings)
     assert newer.version != report.version and adapted_rows(engine) == 2
     latest = ensure_zero_label_model(engine, text_encoder)
@@ -263,3 +267,69 @@ def test_the_command_reports_what_it_read_used_and_stored(
     undone = adapt("--undo")
     assert undone.returncode == 0, undone.stderr
     assert "1 adaptation(s) withdrawn" in " ".join(undone.stdout.split())
+
+
+def test_beat_adapts_as_products_arrive_and_a_training_worker_stores_it(
+    engine: Engine, database_url: str, broker_url: str, encoder_dir: Path,
+    fixture_data: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    import redis
+
+    env = worker_env(
+        database_url, broker_url, encoder_dir, fixture_data, SHELVER_ADAPT_MIN_NEW_PRODUCTS="8"
+    )
+    queued = redis.Redis.from_url(broker_url)
+
+    def beat(**overrides: str) -> str:
+        result = subprocess.run(
+            [*SHELVER, "beat", "--once"], env={**env, **overrides},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return " ".join(result.stdout.split())
+
+    assert "no adaptation: no taxonomy loaded" in beat()
+    import_taxonomy(engine, GOOGLE_HEAD)
+    insert_products(engine, [{"sku": f"p{i}", "name": name} for i, name in enumerate(TOYS)])
+    assert "no adaptation: 4 new products, 8 needed" in beat()
+    assert "scheduled adaptation is off" in beat(SHELVER_ADAPT_MIN_NEW_PRODUCTS="0")
+    insert_products(engine, [{"sku": f"q{i}", "name": name} for i, name in enumerate(LITTER)])
+    assert "adaptation queued: 8 new products" in beat()
+    assert queued.llen("training") == 1
+
+    with running(["worker", "-Q", "training", "-c", "1"], env, tmp_path / "trainer.log"):
+        wait_for(lambda: adapted_rows(engine) == 1, 180, "the scheduled adaptation", tmp_path)
+        with engine.connect() as conn:
+            metrics = conn.execute(
+                text("SELECT metrics FROM model_versions WHERE metrics ? 'adapted_from'")
+            ).scalar_one()
+        assert metrics["catalog_products"] == 8 and metrics["categories_md5"]
+        assert "no adaptation: 0 new products, 8 needed" in beat()
+        assert queued.llen("training") == 0
+
+        # A category added to the tree: the scorer it serves is new, so it is adapted again.
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO categories (name) VALUES ('Gift Cards')"))
+        assert "adaptation queued: the taxonomy changed since the last adaptation" in beat()
+        wait_for(lambda: adapted_rows(engine) == 2, 180, "the second adaptation", tmp_path)
+    assert "scheduled adaptation: stored zero-label-" in (tmp_path / "trainer.log").read_text()
+
+    # An --undo is not overridden by the schedule.
+    undo = subprocess.run(
+        [*SHELVER, "taxonomy", "adapt", "--undo"], env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert undo.returncode == 0, undo.stderr
+    insert_products(engine, [{"sku": f"r{i}", "name": f"{n}, new"} for i, n in enumerate(TOYS * 2)])
+    assert "no adaptation: the last adaptation was withdrawn" in beat()
+    # A champion serving alone would not use an adaptation; merged, it would.
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (version, status, artifact, sha256, labels, encoders, "
+                "threshold) VALUES ('c1', 'champion', 'x', 'x', '[]', '{}', 0.5)"
+            )
+        )
+    assert "no adaptation: champion c1 serves alone" in beat()
+    assert "the last adaptation was withdrawn" in beat(SHELVER_ZERO_LABEL_MERGE="1")
+    assert queued.llen("training") == 0

@@ -27,6 +27,7 @@ QUEUES = (CLASSIFY_QUEUE, BACKFILL_QUEUE, TRAINING_QUEUE)
 
 CLASSIFY_TASK = "shelver.classify_batch"
 RETRAIN_TASK = "shelver.retrain"
+ADAPT_TASK = "shelver.adapt"
 
 # Redis re-delivers an unacknowledged message after the visibility timeout. With
 # late acks a task is acknowledged when it ends, so this must exceed the longest
@@ -71,7 +72,10 @@ def celery_config() -> dict[str, Any]:
             Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
         ],
         "task_default_queue": CLASSIFY_QUEUE,
-        "task_routes": {RETRAIN_TASK: {"queue": TRAINING_QUEUE}},
+        "task_routes": {
+            RETRAIN_TASK: {"queue": TRAINING_QUEUE},
+            ADAPT_TASK: {"queue": TRAINING_QUEUE},
+        },
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,

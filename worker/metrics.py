@@ -102,6 +102,17 @@ RETRAIN_CHECKS = Counter(
     "Scheduled retraining checks, by result: queued, skipped or error.",
     ["result"],
 )
+ADAPT_CHECKS = Counter(
+    "shelver_adapt_checks_total",
+    "Scheduled zero-label adaptation checks, by result: queued, skipped or error.",
+    ["result"],
+)
+ADAPTATIONS = Counter(
+    "shelver_adaptations_total",
+    "Scheduled zero-label adaptations run, by result: stored, or nothing (too few products "
+    "or no taxonomy: the log says which).",
+    ["result"],
+)
 RETRAIN_LAST_CHECK = Gauge(
     "shelver_retrain_last_check_timestamp_seconds",
     "Unix time of the last retraining check beat made.",

@@ -1,8 +1,10 @@
-"""``shelver beat``: at the times of ``retrain_cron``, start retraining if enough labels arrived.
+"""``shelver beat``: at the times of ``retrain_cron``, start retraining if enough labels arrived,
+and adapt the zero-label scorer to the catalog if enough products arrived.
 
 A small loop rather than Celery beat: there is one schedule, its state (the
-last training run's label watermark) already lives in PostgreSQL, and a loop
-needs no schedule file. Run one beat per deployment.
+last training run's label watermark, the last adaptation's product count)
+already lives in PostgreSQL, and a loop needs no schedule file. Run one beat
+per deployment.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import UTC, datetime
 from croniter import croniter
 from sqlalchemy import Engine, text
 
+from shelver.catalog.categories import categories_md5
 from shelver.worker import metrics
 
 log = logging.getLogger(__name__)
@@ -80,14 +83,99 @@ def tick(engine: Engine, min_new_labels: int, send: Callable[[], None]) -> Retra
     return decision
 
 
+@dataclass(frozen=True)
+class AdaptDecision:
+    start: bool
+    new_products: int
+    reason: str
+
+
+LAST_ADAPTATION_SQL = text(
+    """
+    SELECT (metrics->>'catalog_products')::bigint, metrics->>'categories_md5',
+           metrics ? 'withdrawn'
+    FROM model_versions
+    WHERE status = 'zero_label' AND metrics ? 'adapted_from'
+    ORDER BY metrics->>'adapted_at' DESC
+    LIMIT 1
+    """
+)
+"""The newest adaptation (``shelver taxonomy adapt`` or this schedule), withdrawn or not."""
+
+CATALOG_SQL = text(
+    """
+    SELECT (SELECT count(*) FROM categories), (SELECT count(*) FROM products),
+           (SELECT version FROM model_versions WHERE status = 'champion')
+    """
+)
+
+
+def decide_adapt(engine: Engine, min_new_products: int, merge: bool) -> AdaptDecision:
+    """Adapt when the catalog gained ``min_new_products`` products since the last
+    adaptation (all of them for the first), or its taxonomy changed since; never over an
+    ``--undo``, and not while a champion serves alone (nothing would use the result)."""
+    if min_new_products <= 0:
+        return AdaptDecision(
+            False, 0, "scheduled adaptation is off (SHELVER_ADAPT_MIN_NEW_PRODUCTS=0)"
+        )
+    with engine.connect() as conn:
+        categories, products, champion = conn.execute(CATALOG_SQL).one()
+        last = conn.execute(LAST_ADAPTATION_SQL).one_or_none()
+        digest = categories_md5(conn)
+    if categories == 0:
+        return AdaptDecision(False, 0, "no taxonomy loaded (`shelver taxonomy import FILE`)")
+    if champion is not None and not merge:
+        return AdaptDecision(
+            False, 0, f"champion {champion} serves alone; the adapted scorer is used only "
+            "with SHELVER_ZERO_LABEL_MERGE=1",
+        )  # fmt: skip
+    if last is not None and last[2]:
+        return AdaptDecision(
+            False, 0, "the last adaptation was withdrawn (`shelver taxonomy adapt --undo`); "
+            "`shelver taxonomy adapt` adapts again and resumes the schedule",
+        )  # fmt: skip
+    new_products = products - ((last[0] or 0) if last is not None else 0)
+    if last is not None and last[1] is not None and last[1] != digest:
+        return AdaptDecision(True, new_products, "the taxonomy changed since the last adaptation")
+    if new_products < min_new_products:
+        return AdaptDecision(
+            False, new_products, f"{new_products} new products, {min_new_products} needed"
+        )
+    return AdaptDecision(True, new_products, f"{new_products} new products")
+
+
+def send_adapt() -> None:
+    from shelver.worker.celery_app import ADAPT_TASK, TRAINING_QUEUE, app
+
+    app.send_task(ADAPT_TASK, queue=TRAINING_QUEUE)
+
+
+def tick_adapt(
+    engine: Engine, min_new_products: int, merge: bool, send: Callable[[], None]
+) -> AdaptDecision:
+    decision = decide_adapt(engine, min_new_products, merge)
+    if decision.start:
+        send()
+        log.info("adaptation queued: %s", decision.reason)
+    else:
+        log.info("no adaptation: %s", decision.reason)
+    metrics.ADAPT_CHECKS.labels("queued" if decision.start else "skipped").inc()
+    return decision
+
+
 def run_beat(
     engine: Engine,
     cron: str,
     min_new_labels: int,
     stop: threading.Event,
     send: Callable[[], None] = send_retrain,
+    *,
+    min_new_products: int = 0,
+    merge: bool = False,
+    send_adaptation: Callable[[], None] = send_adapt,
 ) -> None:
-    """Sleep until each cron time (UTC), then tick; until ``stop`` is set."""
+    """Sleep until each cron time (UTC), then tick (retraining, then adaptation); until
+    ``stop`` is set."""
     schedule = croniter(cron, datetime.now(UTC))
     while not stop.is_set():
         due = schedule.get_next(datetime)
@@ -100,3 +188,8 @@ def run_beat(
             # A database or broker outage costs this tick, not the beat.
             metrics.RETRAIN_CHECKS.labels("error").inc()
             log.exception("retraining check failed; trying again at the next tick")
+        try:
+            tick_adapt(engine, min_new_products, merge, send_adaptation)
+        except Exception:
+            metrics.ADAPT_CHECKS.labels("error").inc()
+            log.exception("adaptation check failed; trying again at the next tick")

@@ -10,7 +10,13 @@ from sqlalchemy.orm import Session
 
 from shelver.catalog.settings import get_settings
 from shelver.worker import metrics
-from shelver.worker.celery_app import BACKFILL_QUEUE, CLASSIFY_TASK, RETRAIN_TASK, app
+from shelver.worker.celery_app import (
+    ADAPT_TASK,
+    BACKFILL_QUEUE,
+    CLASSIFY_TASK,
+    RETRAIN_TASK,
+    app,
+)
 from shelver.worker.classify import classify_products
 from shelver.worker.heartbeat import stop_this_worker, this_worker
 from shelver.worker.metrics_http import mark_this_process_dead
@@ -97,3 +103,33 @@ def retrain(self) -> None:  # noqa: ANN001
         "promoted" if outcome.promoted else outcome.model.status,
         "; ".join(outcome.decision.reasons) if outcome.decision else "",
     )
+
+
+@app.task(name=ADAPT_TASK, bind=True, transactional=False)
+def adapt(self) -> None:  # noqa: ANN001
+    """Adapt the zero-label scorer to the catalog's products (``shelver taxonomy adapt``).
+
+    Queued by ``shelver beat`` as products arrive; workers serve the result from their
+    next look. Too few products, or no categories, is logged and ends the task: the next
+    check tries again.
+    """
+    from shelver.catalog.db import get_engine
+    from shelver.worker.zero_label import adapt_zero_label_model
+
+    runtime = get_runtime()
+    try:
+        report = adapt_zero_label_model(
+            get_engine(), runtime.text_encoder, runtime.image_encoder, get_settings()
+        )
+    except (LookupError, ValueError) as exc:
+        log.warning("scheduled adaptation stored nothing: %s", exc)
+        metrics.ADAPTATIONS.labels("nothing").inc()
+        return
+    metrics.ADAPTATIONS.labels("stored").inc()
+    a = report.adaptation
+    log.info(
+        "scheduled adaptation: stored %s from %d of %d products (%d without text not used); "
+        "%d categories moved; products suggested before keep their suggestion until "
+        "`shelver backfill --stale`",
+        report.version, report.read, report.catalog_products, report.no_text, a.moved,
+    )  # fmt: skip

@@ -54,7 +54,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from shelver.catalog import embeddings as cache
-from shelver.catalog.categories import SEPARATOR
+from shelver.catalog.categories import SEPARATOR, categories_md5
 from shelver.worker.classify import Classifier, FusionClassifier, Outcome, ScoredBatch
 from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.featurize import embed_products
@@ -505,6 +505,9 @@ def adapt_zero_label_model(
     ones are stored in it. Raises LookupError without categories and ValueError when no
     category could move (too few products).
     """
+    # Read before the categories are: a taxonomy changed meanwhile then looks changed.
+    with engine.connect() as conn:
+        digest = categories_md5(conn)
     base = ensure_zero_label_model(engine, text_encoder, adapted=False)
     if base is None:
         raise LookupError("the catalog has no categories; load a taxonomy first")
@@ -554,6 +557,7 @@ def adapt_zero_label_model(
         "confidence_cut": round(adaptation.cut, 6),
         "moved": adaptation.moved,
         "too_few": adaptation.too_few,
+        "categories_md5": digest,
         "adapt": {"quantile": ADAPT_QUANTILE, "min_products": ADAPT_MIN_PRODUCTS,
                   "share": ADAPT_SHARE, "catalog_prior": CATALOG_PRIOR},
         "recipe": RECIPE,

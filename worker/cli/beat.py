@@ -1,4 +1,4 @@
-"""``shelver beat``: the retraining schedule."""
+"""``shelver beat``: the retraining and adaptation schedule."""
 
 from __future__ import annotations
 
@@ -13,19 +13,24 @@ from shelver.worker.cli.terminal import UserError, console, log_progress, stop_o
 
 def beat(
     once: Annotated[
-        bool, typer.Option("--once", help="Check now, queue retraining if due, and exit.")
+        bool,
+        typer.Option("--once", help="Check now, queue retraining and adaptation if due, and exit."),
     ] = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port (/metrics).")
     ] = None,
 ) -> None:
-    """At SHELVER_RETRAIN_CRON times, queue retraining when enough new labels arrived."""
+    """At SHELVER_RETRAIN_CRON times, queue retraining when enough new labels arrived.
+
+    At the same times, adapt the zero-label scorer when enough new products arrived
+    (SHELVER_ADAPT_MIN_NEW_PRODUCTS).
+    """
     log_progress()
     # croniter and Celery come with the worker extra.
     from croniter import croniter
 
     from shelver.worker.metrics_http import MetricsPortUnavailable, serve
-    from shelver.worker.schedule import run_beat, send_retrain, tick
+    from shelver.worker.schedule import run_beat, send_adapt, send_retrain, tick, tick_adapt
 
     settings = get_settings()
     settings.require_broker_url()
@@ -37,10 +42,19 @@ def beat(
         console.print(
             ("retraining queued: " if decision.start else "no retraining: ") + decision.reason
         )
+        adapting = tick_adapt(
+            engine, settings.adapt_min_new_products, settings.zero_label_merge, send_adapt
+        )
+        console.print(
+            ("adaptation queued: " if adapting.start else "no adaptation: ") + adapting.reason
+        )
         return
     if metrics_port is not None:
         try:
             serve(metrics_port)
         except MetricsPortUnavailable as exc:
             raise UserError(str(exc)) from exc
-    run_beat(engine, settings.retrain_cron, settings.retrain_min_new_labels, stop_on_signals())
+    run_beat(
+        engine, settings.retrain_cron, settings.retrain_min_new_labels, stop_on_signals(),
+        min_new_products=settings.adapt_min_new_products, merge=settings.zero_label_merge,
+    )  # fmt: skip
