@@ -105,7 +105,8 @@ ADAPT_SHARE = 0.9
 # (``adapt_vectors``): 0.005-0.04 tried on the dev half, path accuracy 0.615 -> 0.636.
 CATALOG_PRIOR = 0.03
 # The adapted scorer's shown confidence: its level-1 probabilities were best calibrated at
-# this temperature on the dev half (0.015-0.04 tried), sharper ones overconfident.
+# this temperature on the dev half (0.015-0.06 tried, and again with the catalog prior),
+# sharper ones overconfident.
 ADAPTED_CONFIDENCE_TEMPERATURE = 0.04
 # At most this many products are read (a fixed sample beyond): 150 MB of text vectors.
 ADAPT_MAX_PRODUCTS = 100_000
