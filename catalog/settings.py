@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         "scorer to the catalog (`shelver taxonomy adapt`) once this many products arrived "
         "since the last adaptation, or the taxonomy changed; 0: never on a schedule.",
     )
+    adapt_rescore: bool = Field(
+        True,
+        description="After a scheduled adaptation, with no champion, re-score the "
+        "suggestions waiting for review (`shelver backfill --suggestions`): people see the "
+        "adapted scorer's. Off: they keep the old suggestion until a backfill.",
+    )
 
     def require_database_url(self) -> str:
         """The database URL in SQLAlchemy form, with the psycopg2 driver made explicit."""

@@ -219,3 +219,66 @@ def test_a_run_is_asked_for_by_a_selection_or_a_resume_never_both(engine: Engine
         with pytest.raises(bf.BackfillError, match="--resume continues a run with its own"):
             bf.open_run(engine, selector, every=every, resume=run.id)
     assert bf.open_run(engine, bf.Selector(), resume=run.id).id == run.id
+
+
+def test_suggestions_select_unlabeled_reviews_an_older_zero_label_scorer_made(
+    engine: Engine,
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO categories (name) VALUES ('Audio')"))
+        ids = {}
+        for version, status, metrics in (
+            ("zero-label-a", "zero_label", "{}"),
+            ("zero-label-a-adapted-old", "zero_label",
+             '{"adapted_from": "zero-label-a", "adapted_at": "2026-12-01T00:00:00"}'),
+            ("zero-label-a-adapted-new", "zero_label",
+             '{"adapted_from": "zero-label-a", "adapted_at": "2026-12-02T00:00:00"}'),
+            ("c1", "champion", "{}"),
+        ):  # fmt: skip
+            ids[version] = conn.execute(
+                text(
+                    "INSERT INTO model_versions (version, status, artifact, sha256, labels, "
+                    "encoders, metrics, threshold) VALUES (:v, :s, 'x', :v, '[]', '{}', "
+                    "CAST(:m AS jsonb), 1.0) RETURNING id"
+                ),
+                {"v": version, "s": status, "m": metrics},
+            ).scalar_one()
+        rows = {
+            "base": ("zero-label-a", "needs_review", False),
+            "older": ("zero-label-a-adapted-old", "needs_review", False),
+            "latest": ("zero-label-a-adapted-new", "needs_review", False),
+            "champion": ("c1", "needs_review", False),
+            "labeled": ("zero-label-a", "needs_review", True),
+            "accepted": ("zero-label-a", "classified", False),
+        }
+        for sku, (version, status, labeled) in rows.items():
+            conn.execute(
+                text(
+                    "INSERT INTO products (sku, name, label_id) VALUES (:sku, 'p', "
+                    "CASE WHEN :labeled THEN (SELECT id FROM categories) END)"
+                ),
+                {"sku": sku, "labeled": labeled},
+            )
+            # As the worker leaves them (an insert enters the queue as pending).
+            conn.execute(
+                text(
+                    "UPDATE products SET status = :status, model_version_id = :m WHERE sku = :sku"
+                ),
+                {"sku": sku, "status": status, "m": ids[version]},
+            )
+    where, params = bf.Selector(suggestions=True).where()
+
+    def selected() -> set[str]:
+        with engine.connect() as conn:
+            return set(
+                conn.execute(text(f"SELECT p.sku FROM products p WHERE {where}"), params).scalars()
+            )
+
+    assert selected() == {"base", "older"}
+    # Withdrawn, the latest adaptation is no longer served: its suggestions are stale too.
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE model_versions SET metrics = metrics || '{\"withdrawn\": \"now\"}' "
+                 "WHERE version LIKE '%adapted%'")
+        )  # fmt: skip
+    assert selected() == {"base", "older", "latest"}

@@ -259,7 +259,7 @@ def test_the_command_reports_what_it_read_used_and_stored(
     out = " ".join(result.stdout.split())
     assert re.search(r"\d+ products suggested a category; the \d+ at confidence", out)
     assert "categories moved toward their products" in out
-    assert "stored zero-label-" in out and "shelver backfill --stale" in out
+    assert "stored zero-label-" in out and "shelver backfill --suggestions" in out
     # Fewer products read than the catalog holds, said with the way to read them all.
     assert "read 16 of the catalog's 17 products" in " ".join(result.stderr.split())
     assert "--max-products" in result.stderr
@@ -269,9 +269,22 @@ def test_the_command_reports_what_it_read_used_and_stored(
     assert "1 adaptation(s) withdrawn" in " ".join(undone.stdout.split())
 
 
+def suggested_by(engine: Engine) -> set[str]:
+    """The scorer versions behind the suggestions waiting for review."""
+    with engine.connect() as conn:
+        return set(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT m.version FROM products p JOIN model_versions m "
+                    "ON m.id = p.model_version_id WHERE p.status = 'needs_review'"
+                )
+            ).scalars()
+        )
+
+
 def test_beat_adapts_as_products_arrive_and_a_training_worker_stores_it(
     engine: Engine, database_url: str, broker_url: str, encoder_dir: Path,
-    fixture_data: Path, tmp_path: Path,
+    encoders: tuple[TextEncoder, ImageEncoder], fixture_data: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     import redis
 
@@ -294,16 +307,33 @@ def test_beat_adapts_as_products_arrive_and_a_training_worker_stores_it(
     assert "no adaptation: 4 new products, 8 needed" in beat()
     assert "scheduled adaptation is off" in beat(SHELVER_ADAPT_MIN_NEW_PRODUCTS="0")
     insert_products(engine, [{"sku": f"q{i}", "name": name} for i, name in enumerate(LITTER)])
+    # The taxonomy's own scorer suggests a category for each; all wait for review.
+    settings = Settings(image_roots=[fixture_data], model_poll_seconds=0)
+    classifier = serving_classifier(Runtime(engine, settings, *encoders), None)
+    with engine.begin() as conn:
+        claimed = [c.product_id for c in claim_batch(conn, limit=100, lease_seconds=300,
+                                                     max_attempts=5)]  # fmt: skip
+    with Session(engine) as db, db.begin():
+        assert classify_products(db, claimed, classifier).needs_review == 8
+    base = suggested_by(engine)
+    assert len(base) == 1 and "adapted" not in next(iter(base))
     assert "adaptation queued: 8 new products" in beat()
     assert queued.llen("training") == 1
 
-    with running(["worker", "-Q", "training", "-c", "1"], env, tmp_path / "trainer.log"):
+    with (
+        running(["dispatch"], env, tmp_path / "dispatch.log"),
+        running(["worker", "-Q", "training,backfill", "-c", "1"], env, tmp_path / "trainer.log"),
+    ):
         wait_for(lambda: adapted_rows(engine) == 1, 180, "the scheduled adaptation", tmp_path)
         with engine.connect() as conn:
-            metrics = conn.execute(
-                text("SELECT metrics FROM model_versions WHERE metrics ? 'adapted_from'")
-            ).scalar_one()
+            version, metrics = conn.execute(
+                text("SELECT version, metrics FROM model_versions WHERE metrics ? 'adapted_from'")
+            ).one()
         assert metrics["catalog_products"] == 8 and metrics["categories_md5"]
+        # The suggestions in review are re-scored by the adapted scorer, through a backfill.
+        wait_for(lambda: suggested_by(engine) == {version}, 120, "the re-scored suggestions",
+                 tmp_path)  # fmt: skip
+        assert scalar(engine, "SELECT total FROM backfill_runs") == 8
         assert "no adaptation: 0 new products, 8 needed" in beat()
         assert queued.llen("training") == 0
 
@@ -312,7 +342,9 @@ def test_beat_adapts_as_products_arrive_and_a_training_worker_stores_it(
             conn.execute(text("INSERT INTO categories (name) VALUES ('Gift Cards')"))
         assert "adaptation queued: the taxonomy changed since the last adaptation" in beat()
         wait_for(lambda: adapted_rows(engine) == 2, 180, "the second adaptation", tmp_path)
-    assert "scheduled adaptation: stored zero-label-" in (tmp_path / "trainer.log").read_text()
+    log = (tmp_path / "trainer.log").read_text()
+    assert "scheduled adaptation: stored zero-label-" in log
+    assert "8 suggestions in review queued for re-scoring" in log
 
     # An --undo is not overridden by the schedule.
     undo = subprocess.run(

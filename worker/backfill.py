@@ -37,6 +37,9 @@ class Selector:
 
     unclassified: bool = False
     stale: bool = False
+    # Unlabeled products waiting for review with a zero-label suggestion that the latest
+    # adaptation did not make (``shelver taxonomy adapt``).
+    suggestions: bool = False
     # A category path: products labeled or predicted at it or anywhere below it.
     category: str | None = None
     since: str | None = None  # ISO date; products created on or after it
@@ -52,6 +55,15 @@ class Selector:
             clauses.append(
                 "p.model_version_id IS DISTINCT FROM "
                 "(SELECT id FROM model_versions WHERE status = 'champion')"
+            )
+        if self.suggestions:
+            # Live too: a run resumed after another adaptation skips what that one scored.
+            clauses.append(
+                "p.status = 'needs_review' AND p.label_id IS NULL AND p.model_version_id IN "
+                "(SELECT id FROM model_versions WHERE status = 'zero_label') AND "
+                "p.model_version_id IS DISTINCT FROM (SELECT id FROM model_versions "
+                "WHERE status = 'zero_label' AND metrics ? 'adapted_from' "
+                "AND NOT metrics ? 'withdrawn' ORDER BY metrics->>'adapted_at' DESC LIMIT 1)"
             )
         if self.category is not None:
             clauses.append(
@@ -153,7 +165,8 @@ def open_run(
         return load(engine, resume)
     if not every and selector == Selector():
         raise BackfillError(
-            "say what to re-score: --all, --unclassified, --stale, --category or --since"
+            "say what to re-score: --all, --unclassified, --stale, --suggestions, --category "
+            "or --since"
         )
     return start(engine, selector)
 

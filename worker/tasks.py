@@ -6,9 +6,11 @@ import logging
 import os
 
 from celery.signals import worker_process_init, worker_process_shutdown
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from shelver.catalog.settings import get_settings
+from shelver.worker import backfill as bf
 from shelver.worker import metrics
 from shelver.worker.celery_app import (
     ADAPT_TASK,
@@ -129,7 +131,34 @@ def adapt(self) -> None:  # noqa: ANN001
     a = report.adaptation
     log.info(
         "scheduled adaptation: stored %s from %d of %d products (%d without text not used); "
-        "%d categories moved; products suggested before keep their suggestion until "
-        "`shelver backfill --stale`",
+        "%d categories moved",
         report.version, report.read, report.catalog_products, report.no_text, a.moved,
     )  # fmt: skip
+    rescore_suggestions(get_engine(), get_settings().adapt_rescore)
+
+
+def rescore_suggestions(engine: Engine, enabled: bool) -> bf.BackfillRun | None:
+    """Queue the suggestions waiting for review for re-scoring by the adaptation just
+    stored: a backfill run of ``Selector(suggestions=True)``, which ``shelver dispatch``
+    sends to the backfill queue. Only without a champion: with one, the worker serves it."""
+    if not enabled:
+        log.info(
+            "SHELVER_ADAPT_RESCORE is off: suggestions in review keep the old scorer's until "
+            "`shelver backfill --suggestions`"
+        )
+        return None
+    with engine.connect() as conn:
+        champion = conn.execute(
+            text("SELECT version FROM model_versions WHERE status = 'champion'")
+        ).scalar_one_or_none()
+    if champion is not None:
+        log.info("champion %s serves: no suggestion re-scored", champion)
+        return None
+    run = bf.start(engine, bf.Selector(suggestions=True))
+    for _ in bf.enqueue(engine, run):
+        pass
+    log.info(
+        "backfill run %d: %d suggestions in review queued for re-scoring by the adapted scorer",
+        run.id, run.enqueued,
+    )  # fmt: skip
+    return run

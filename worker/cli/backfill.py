@@ -21,6 +21,14 @@ def backfill(
     stale: Annotated[
         bool, typer.Option("--stale", help="Products not scored by the current champion.")
     ] = False,
+    suggestions: Annotated[
+        bool,
+        typer.Option(
+            "--suggestions",
+            help="Unlabeled products in review whose zero-label suggestion is not the latest "
+            "adaptation's.",
+        ),
+    ] = False,
     category: Annotated[
         str | None, typer.Option("--category", help="Predicted or labeled as this category.")
     ] = None,
@@ -41,7 +49,10 @@ def backfill(
     and a worker consuming the `backfill` queue.
     """
     engine = get_engine()
-    selector = bf.Selector(unclassified=unclassified, stale=stale, category=category, since=since)
+    selector = bf.Selector(
+        unclassified=unclassified, stale=stale, suggestions=suggestions, category=category,
+        since=since,
+    )  # fmt: skip
     try:
         run = bf.open_run(engine, selector, every=all_products, resume=resume)
     except bf.BackfillError as exc:

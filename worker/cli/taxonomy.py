@@ -77,7 +77,7 @@ def taxonomy_adapt(
 
     Workers serve it from their next look (docs/cold_start.md).
 
-    Products suggested before keep their suggestion until `shelver backfill --stale`.
+    Products suggested before keep their suggestion until `shelver backfill --suggestions`.
 
     Run it again as products arrive: each run starts from the taxonomy's own vectors.
     """
@@ -99,7 +99,7 @@ def taxonomy_adapt(
             raise UserError(str(exc)) from exc
         console.print(
             f"{withdrawn} adaptation(s) withdrawn; workers serve {version} from their next "
-            "look, and `shelver backfill --stale` re-scores what the adapted one suggested"
+            "look, and `shelver backfill --suggestions` re-scores what the adapted one suggested"
         )
         return
     with engine.connect() as conn:
@@ -135,7 +135,7 @@ def taxonomy_adapt(
     )
     console.print(f"stored {report.version} (from {report.adapted_from})")
     console.print(
-        "products suggested before keep their suggestion until `shelver backfill --stale`"
+        "products suggested before keep their suggestion until `shelver backfill --suggestions`"
     )
     if champion is not None:
         console.print(
