@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from croniter import croniter
+from prometheus_client import Counter
 from sqlalchemy import Engine, text
 
 from shelver.catalog.categories import categories_md5
@@ -71,15 +72,21 @@ def send_retrain() -> None:
     app.send_task(RETRAIN_TASK, queue=TRAINING_QUEUE)
 
 
+def act(decision: RetrainDecision | AdaptDecision, what: str, send: Callable[[], None],
+        checks: Counter) -> None:  # fmt: skip
+    """Send the task the decision asks for, log it as ``what``, and count the check."""
+    if decision.start:
+        send()
+        log.info("%s queued: %s", what, decision.reason)
+    else:
+        log.info("no %s: %s", what, decision.reason)
+    checks.labels("queued" if decision.start else "skipped").inc()
+
+
 def tick(engine: Engine, min_new_labels: int, send: Callable[[], None]) -> RetrainDecision:
     metrics.RETRAIN_LAST_CHECK.set_to_current_time()
     decision = decide(engine, min_new_labels)
-    if decision.start:
-        send()
-        log.info("retraining queued: %s", decision.reason)
-    else:
-        log.info("no retraining: %s", decision.reason)
-    metrics.RETRAIN_CHECKS.labels("queued" if decision.start else "skipped").inc()
+    act(decision, "retraining", send, metrics.RETRAIN_CHECKS)
     return decision
 
 
@@ -154,12 +161,7 @@ def tick_adapt(
     engine: Engine, min_new_products: int, merge: bool, send: Callable[[], None]
 ) -> AdaptDecision:
     decision = decide_adapt(engine, min_new_products, merge)
-    if decision.start:
-        send()
-        log.info("adaptation queued: %s", decision.reason)
-    else:
-        log.info("no adaptation: %s", decision.reason)
-    metrics.ADAPT_CHECKS.labels("queued" if decision.start else "skipped").inc()
+    act(decision, "adaptation", send, metrics.ADAPT_CHECKS)
     return decision
 
 
