@@ -72,14 +72,19 @@ def send_retrain() -> None:
     app.send_task(RETRAIN_TASK, queue=TRAINING_QUEUE)
 
 
+def said(decision: RetrainDecision | AdaptDecision, what: str) -> str:
+    """The decision in a line: "retraining queued: …" or "no retraining: …"."""
+    return (
+        f"{what} queued: {decision.reason}" if decision.start else f"no {what}: {decision.reason}"
+    )
+
+
 def act(decision: RetrainDecision | AdaptDecision, what: str, send: Callable[[], None],
         checks: Counter) -> None:  # fmt: skip
     """Send the task the decision asks for, log it as ``what``, and count the check."""
     if decision.start:
         send()
-        log.info("%s queued: %s", what, decision.reason)
-    else:
-        log.info("no %s: %s", what, decision.reason)
+    log.info("%s", said(decision, what))
     checks.labels("queued" if decision.start else "skipped").inc()
 
 

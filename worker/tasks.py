@@ -6,10 +6,11 @@ import logging
 import os
 
 from celery.signals import worker_process_init, worker_process_shutdown
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from shelver.catalog.settings import get_settings
+from shelver.training import registry
 from shelver.worker import backfill as bf
 from shelver.worker import metrics
 from shelver.worker.celery_app import (
@@ -118,10 +119,10 @@ def adapt(self) -> None:  # noqa: ANN001
     from shelver.catalog.db import get_engine
     from shelver.worker.zero_label import adapt_zero_label_model
 
-    runtime = get_runtime()
+    runtime, engine = get_runtime(), get_engine()
     try:
         report = adapt_zero_label_model(
-            get_engine(), runtime.text_encoder, runtime.image_encoder, get_settings()
+            engine, runtime.text_encoder, runtime.image_encoder, get_settings()
         )
     except (LookupError, ValueError) as exc:
         log.warning("scheduled adaptation stored nothing: %s", exc)
@@ -134,7 +135,7 @@ def adapt(self) -> None:  # noqa: ANN001
         "%d categories moved",
         report.version, report.read, report.catalog_products, report.no_text, a.moved,
     )  # fmt: skip
-    rescore_suggestions(get_engine(), get_settings().adapt_rescore)
+    rescore_suggestions(engine, get_settings().adapt_rescore)
 
 
 def rescore_suggestions(engine: Engine, enabled: bool) -> bf.BackfillRun | None:
@@ -148,11 +149,9 @@ def rescore_suggestions(engine: Engine, enabled: bool) -> bf.BackfillRun | None:
         )
         return None
     with engine.connect() as conn:
-        champion = conn.execute(
-            text("SELECT version FROM model_versions WHERE status = 'champion'")
-        ).scalar_one_or_none()
+        champion = registry.champion(conn)
     if champion is not None:
-        log.info("champion %s serves: no suggestion re-scored", champion)
+        log.info("champion %s serves: no suggestion re-scored", champion.version)
         return None
     run = bf.start(engine, bf.Selector(suggestions=True))
     for _ in bf.enqueue(engine, run):

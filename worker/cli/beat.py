@@ -30,7 +30,14 @@ def beat(
     from croniter import croniter
 
     from shelver.worker.metrics_http import MetricsPortUnavailable, serve
-    from shelver.worker.schedule import run_beat, send_adapt, send_retrain, tick, tick_adapt
+    from shelver.worker.schedule import (
+        run_beat,
+        said,
+        send_adapt,
+        send_retrain,
+        tick,
+        tick_adapt,
+    )
 
     settings = get_settings()
     settings.require_broker_url()
@@ -39,15 +46,11 @@ def beat(
     engine = get_engine()
     if once:
         decision = tick(engine, settings.retrain_min_new_labels, send_retrain)
-        console.print(
-            ("retraining queued: " if decision.start else "no retraining: ") + decision.reason
-        )
+        console.print(said(decision, "retraining"))
         adapting = tick_adapt(
             engine, settings.adapt_min_new_products, settings.zero_label_merge, send_adapt
         )
-        console.print(
-            ("adaptation queued: " if adapting.start else "no adaptation: ") + adapting.reason
-        )
+        console.print(said(adapting, "adaptation"))
         return
     if metrics_port is not None:
         try:
