@@ -7,15 +7,17 @@ queue bookkeeping, not the model.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from shelver.catalog import queue
+from shelver.catalog.categories import categories_md5
 from shelver.catalog.db import session_scope
 from shelver.training import registry
 from shelver.worker import backfill as bf
@@ -221,28 +223,22 @@ def test_a_run_is_asked_for_by_a_selection_or_a_resume_never_both(engine: Engine
     assert bf.open_run(engine, bf.Selector(), resume=run.id).id == run.id
 
 
-def test_suggestions_select_unlabeled_reviews_an_older_zero_label_scorer_made(
+def test_suggestions_select_unlabeled_reviews_the_served_zero_label_scorer_did_not_make(
     engine: Engine,
 ) -> None:
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO categories (name) VALUES ('Audio')"))
+        digest = categories_md5(conn)
         ids = {}
         for version, status, metrics in (
-            ("zero-label-a", "zero_label", "{}"),
+            ("zero-label-a", "zero_label", {"categories_md5": digest}),
             ("zero-label-a-adapted-old", "zero_label",
-             '{"adapted_from": "zero-label-a", "adapted_at": "2026-12-01T00:00:00"}'),
+             {"adapted_from": "zero-label-a", "adapted_at": "2026-12-01T00:00:00"}),
             ("zero-label-a-adapted-new", "zero_label",
-             '{"adapted_from": "zero-label-a", "adapted_at": "2026-12-02T00:00:00"}'),
-            ("c1", "champion", "{}"),
+             {"adapted_from": "zero-label-a", "adapted_at": "2026-12-02T00:00:00"}),
+            ("c1", "champion", {}),
         ):  # fmt: skip
-            ids[version] = conn.execute(
-                text(
-                    "INSERT INTO model_versions (version, status, artifact, sha256, labels, "
-                    "encoders, metrics, threshold) VALUES (:v, :s, 'x', :v, '[]', '{}', "
-                    "CAST(:m AS jsonb), 1.0) RETURNING id"
-                ),
-                {"v": version, "s": status, "m": metrics},
-            ).scalar_one()
+            ids[version] = insert_version(conn, version, status, metrics)
         rows = {
             "base": ("zero-label-a", "needs_review", False),
             "older": ("zero-label-a-adapted-old", "needs_review", False),
@@ -252,20 +248,7 @@ def test_suggestions_select_unlabeled_reviews_an_older_zero_label_scorer_made(
             "accepted": ("zero-label-a", "classified", False),
         }
         for sku, (version, status, labeled) in rows.items():
-            conn.execute(
-                text(
-                    "INSERT INTO products (sku, name, label_id) VALUES (:sku, 'p', "
-                    "CASE WHEN :labeled THEN (SELECT id FROM categories) END)"
-                ),
-                {"sku": sku, "labeled": labeled},
-            )
-            # As the worker leaves them (an insert enters the queue as pending).
-            conn.execute(
-                text(
-                    "UPDATE products SET status = :status, model_version_id = :m WHERE sku = :sku"
-                ),
-                {"sku": sku, "status": status, "m": ids[version]},
-            )
+            insert_scored(conn, sku, ids[version], status, labeled)
     where, params = bf.Selector(suggestions=True).where()
 
     def selected() -> set[str]:
@@ -275,10 +258,65 @@ def test_suggestions_select_unlabeled_reviews_an_older_zero_label_scorer_made(
             )
 
     assert selected() == {"base", "older"}
-    # Withdrawn, the latest adaptation is no longer served: its suggestions are stale too.
+    # Withdrawn (`taxonomy adapt --undo`), the adaptations' suggestions are stale and the
+    # taxonomy's own row is served again: its suggestions are current.
     with engine.begin() as conn:
         conn.execute(
             text("UPDATE model_versions SET metrics = metrics || '{\"withdrawn\": \"now\"}' "
                  "WHERE version LIKE '%adapted%'")
         )  # fmt: skip
+    assert selected() == {"older", "latest"}
+    # The taxonomy changed and no worker has made its scorer yet: every suggestion is an
+    # old scorer's, the taxonomy's own row's included.
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO categories (name) VALUES ('Cameras')"))
     assert selected() == {"base", "older", "latest"}
+    # Once the new taxonomy's row exists, what it suggests is current; then an adaptation
+    # of the old taxonomy made later is still not the one served.
+    with engine.begin() as conn:
+        b = insert_version(
+            conn, "zero-label-b", "zero_label", {"categories_md5": categories_md5(conn)}
+        )
+        insert_scored(conn, "new-taxonomy", b, "needs_review", False)
+        insert_version(
+            conn,
+            "zero-label-a-adapted-late",
+            "zero_label",
+            {"adapted_from": "zero-label-a", "adapted_at": "2026-12-03T00:00:00"},
+        )
+    assert selected() == {"base", "older", "latest"}
+    with engine.begin() as conn:
+        ab = insert_version(
+            conn,
+            "zero-label-b-adapted",
+            "zero_label",
+            {"adapted_from": "zero-label-b", "adapted_at": "2026-12-01T00:00:00"},
+        )
+        insert_scored(conn, "adapted-b", ab, "needs_review", False)
+    assert selected() == {"base", "older", "latest", "new-taxonomy"}
+
+
+def insert_version(conn: Connection, version: str, status: str, metrics: dict) -> int:
+    return conn.execute(
+        text(
+            "INSERT INTO model_versions (version, status, artifact, sha256, labels, encoders, "
+            "metrics, threshold) VALUES (:v, :s, 'x', :v, '[]', '{}', CAST(:m AS jsonb), 1.0) "
+            "RETURNING id"
+        ),
+        {"v": version, "s": status, "m": json.dumps(metrics)},
+    ).scalar_one()
+
+
+def insert_scored(conn: Connection, sku: str, version_id: int, status: str, labeled: bool) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO products (sku, name, label_id) VALUES (:sku, 'p', "
+            "CASE WHEN :labeled THEN (SELECT min(id) FROM categories) END)"
+        ),
+        {"sku": sku, "labeled": labeled},
+    )
+    # As the worker leaves them (an insert enters the queue as pending).
+    conn.execute(
+        text("UPDATE products SET status = :status, model_version_id = :m WHERE sku = :sku"),
+        {"sku": sku, "status": status, "m": version_id},
+    )

@@ -27,7 +27,7 @@ from support import (
     training_titles,
 )
 
-from shelver.catalog.categories import ensure_categories
+from shelver.catalog.categories import categories_md5, ensure_categories
 from shelver.catalog.embedded import create_database
 from shelver.catalog.migrate import alembic_config, upgrade
 from shelver.catalog.queue import claim_batch
@@ -157,11 +157,26 @@ def test_category_vectors_are_stored_once_per_taxonomy(
     assert first is not None and again is not None
     assert again.model_version_id == first.model_version_id
     assert scalar(engine, "SELECT count(*) FROM model_versions WHERE status = 'zero_label'") == 1
+    # The row names its taxonomy by the digest `backfill --suggestions` compares; a row
+    # stored before rows recorded it gets it at the next look.
+    with engine.connect() as conn:
+        digest = categories_md5(conn)
+    recorded = "SELECT metrics->>'categories_md5' FROM model_versions WHERE status = 'zero_label'"
+    assert scalar(engine, recorded) == digest
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE model_versions SET metrics = metrics - 'categories_md5'"))
+    ensure_zero_label_model(engine, text_encoder)
+    assert scalar(engine, recorded) == digest
 
     with engine.begin() as conn:
         ensure_categories(conn, ["Animals & Pet Supplies > Pet Supplies > Fish Supplies"])
     changed = ensure_zero_label_model(engine, text_encoder)
     assert changed is not None and changed.model_version_id != first.model_version_id
+    with engine.connect() as conn:
+        assert conn.execute(
+            text("SELECT metrics->>'categories_md5' FROM model_versions WHERE id = :id"),
+            {"id": changed.model_version_id},
+        ).scalar_one() == categories_md5(conn)
     assert "Animals & Pet Supplies > Pet Supplies > Fish Supplies" in changed.scorer.paths
     # Not a model the registry may promote: no champion appeared.
     assert scalar(engine, "SELECT count(*) FROM model_versions WHERE status = 'champion'") == 0

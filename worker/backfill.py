@@ -20,11 +20,33 @@ from datetime import date
 from sqlalchemy import Engine, text
 
 from shelver.catalog import queue
-from shelver.catalog.categories import category_ids, normalize_path
+from shelver.catalog.categories import CATEGORIES_MD5_SQL, category_ids, normalize_path
 
 log = logging.getLogger(__name__)
 
 CHUNK = 5000
+
+
+SERVED_ZERO_LABEL_SQL = f"""
+    WITH base AS (
+        SELECT id, version FROM model_versions
+        WHERE status = 'zero_label' AND NOT metrics ? 'adapted_from'
+          AND metrics->>'categories_md5' = ({CATEGORIES_MD5_SQL.text})
+        ORDER BY id DESC LIMIT 1
+    )
+    SELECT coalesce(
+        (SELECT a.id FROM model_versions a JOIN base ON a.metrics->>'adapted_from' = base.version
+         WHERE a.status = 'zero_label' AND NOT a.metrics ? 'withdrawn'
+         ORDER BY a.metrics->>'adapted_at' DESC LIMIT 1),
+        (SELECT id FROM base))
+"""
+"""The id of the zero-label scorer a worker serves for the categories as they are now
+(``zero_label.ensure_zero_label_model``): the latest adaptation not withdrawn of the
+taxonomy's own row, else that row; NULL while no row was made for this taxonomy (the
+worker makes one at its next look), when every zero-label suggestion is another
+scorer's. A row is the taxonomy's by the ``categories_md5`` it recorded; one stored
+before rows recorded it gets it at a worker's next look, and until then its
+suggestions are selected too: re-scored once more, never missed."""
 
 
 class BackfillError(ValueError):
@@ -37,8 +59,8 @@ class Selector:
 
     unclassified: bool = False
     stale: bool = False
-    # Unlabeled products waiting for review with a zero-label suggestion that the latest
-    # adaptation did not make (``shelver taxonomy adapt``).
+    # Unlabeled products waiting for review with a zero-label suggestion that the scorer
+    # served now did not make (``SERVED_ZERO_LABEL_SQL``; ``shelver taxonomy adapt``).
     suggestions: bool = False
     # A category path: products labeled or predicted at it or anywhere below it.
     category: str | None = None
@@ -61,9 +83,7 @@ class Selector:
             clauses.append(
                 "p.status = 'needs_review' AND p.label_id IS NULL AND p.model_version_id IN "
                 "(SELECT id FROM model_versions WHERE status = 'zero_label') AND "
-                "p.model_version_id IS DISTINCT FROM (SELECT id FROM model_versions "
-                "WHERE status = 'zero_label' AND metrics ? 'adapted_from' "
-                "AND NOT metrics ? 'withdrawn' ORDER BY metrics->>'adapted_at' DESC LIMIT 1)"
+                f"p.model_version_id IS DISTINCT FROM ({SERVED_ZERO_LABEL_SQL})"
             )
         if self.category is not None:
             clauses.append(

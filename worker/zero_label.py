@@ -54,7 +54,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from shelver.catalog import embeddings as cache
-from shelver.catalog.categories import SEPARATOR, categories_md5
+from shelver.catalog.categories import CATEGORIES_MD5_SQL, SEPARATOR, categories_md5
 from shelver.worker.classify import Classifier, FusionClassifier, Outcome, ScoredBatch
 from shelver.worker.encoders import ImageEncoder, TextEncoder
 from shelver.worker.featurize import embed_products
@@ -291,6 +291,23 @@ class ZeroLabelModel:
 
 CATEGORIES_SQL = text("SELECT path, description FROM categories ORDER BY path")
 
+TAXONOMY_SQL = text(
+    f"""
+    SELECT path, description, ({CATEGORIES_MD5_SQL.text}) FROM categories ORDER BY path
+    """
+)
+"""The categories and their ``categories_md5`` in one statement, so from one snapshot: the
+digest a scorer row records names exactly the taxonomy its vectors were made of."""
+
+RECORD_MD5_SQL = text(
+    """
+    UPDATE model_versions
+    SET metrics = metrics || jsonb_build_object('categories_md5', CAST(:md5 AS text))
+    WHERE version = :version AND NOT metrics ? 'categories_md5'
+    """
+)
+"""A taxonomy's row stored before its rows recorded the digest gets it on the next look."""
+
 FIND_SQL = text("SELECT id, version, sha256, artifact FROM model_versions WHERE version = :version")
 
 INSERT_SQL = text(
@@ -351,13 +368,19 @@ def ensure_zero_label_model(
     ``adapted``), else the taxonomy's own vectors. Encodes the category names only when
     this taxonomy has no stored row yet."""
     with engine.connect() as conn:
-        paths, descriptions = catalog_categories(conn)
-        if not paths:
+        rows = conn.execute(TAXONOMY_SQL).all()
+        if not rows:
             return None
+        paths = [path for path, _, _ in rows]
+        descriptions = {path: d for path, d, _ in rows if d is not None}
+        digest = rows[0][2]
         version = VERSION_PREFIX + taxonomy_key(paths, text_encoder.identity, descriptions)
+        base = conn.execute(FIND_SQL, {"version": version}).one_or_none()
         row = conn.execute(ADAPTED_SQL, {"version": version}).one_or_none() if adapted else None
-        if row is None:
-            row = conn.execute(FIND_SQL, {"version": version}).one_or_none()
+    if base is not None:
+        with engine.begin() as conn:
+            conn.execute(RECORD_MD5_SQL, {"md5": digest, "version": version})
+    row = row or base
     if row is None:
         log.info("encoding %d categories for the zero-label scorer", len(paths))
         vectors = category_vectors(paths, text_encoder, descriptions)
@@ -369,7 +392,7 @@ def ensure_zero_label_model(
             "labels": json.dumps(paths),
             "encoders": json.dumps({"text": text_encoder.identity}),
             "metrics": json.dumps({"kind": "zero_label", "categories": len(paths),
-                                   "described": len(descriptions),
+                                   "described": len(descriptions), "categories_md5": digest,
                                    "temperature": temperature, "recipe": RECIPE}),
         }  # fmt: skip
         with engine.begin() as conn:

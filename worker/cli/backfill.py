@@ -25,8 +25,8 @@ def backfill(
         bool,
         typer.Option(
             "--suggestions",
-            help="Unlabeled products in review whose zero-label suggestion is not the latest "
-            "adaptation's.",
+            help="Unlabeled products in review whose zero-label suggestion is not the one "
+            "the scorer served now would make (a taxonomy change or an adaptation since).",
         ),
     ] = False,
     category: Annotated[
