@@ -17,6 +17,45 @@ def test_rows_of_unseen_categories_that_clear_the_threshold_are_counted() -> Non
     assert figures["unknown_auto_accepted"] == pytest.approx(0.5)
 
 
+def test_coverage_and_precision_count_only_the_auto_accepts_the_gate_lets_stand() -> None:
+    """What the worker accepts: over the threshold and admitted by the open-set gate."""
+    probs = np.array([[0.97, 0.03], [0.95, 0.05], [0.93, 0.07], [0.20, 0.80], [0.10, 0.90]])
+    truth = ["Audio", "Audio", "Cell Phones", "Cell Phones", "Drones"]
+    labels = ["Audio", "Cell Phones"]
+    ungated = score_predictions(truth, probs, labels, threshold=0.9)
+    # Over 0.9: four rows, of which the third and the drone are wrong.
+    assert ungated["coverage"] == pytest.approx(0.8)
+    assert ungated["precision_at_threshold"] == pytest.approx(0.5)
+    admitted = np.array([True, True, False, True, False])
+    figures = score_predictions(truth, probs, labels, threshold=0.9, admitted=admitted)
+    assert figures["coverage"] == pytest.approx(0.4) == figures["open_set_gate"]["coverage"]
+    assert figures["precision_at_threshold"] == pytest.approx(1.0)
+    assert (figures["open_set_gate"]["refused"], figures["open_set_gate"]["refused_known"]) == (
+        2,
+        1,
+    )
+    assert figures["unknown_auto_accepted"] == 0.0
+    # The gate never adds an accept: a row under the threshold stays unaccepted.
+    assert score_predictions(truth, probs, labels, 0.99, np.ones(5, bool))["coverage"] == 0.0
+
+
+def test_backoff_accepts_no_level_of_a_row_the_gate_refuses() -> None:
+    from shelver.training.evaluate import backoff_metrics
+
+    labels = ["Audio > Headphones", "Audio > Speakers", "Cell Phones"]
+    probs = np.array([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9]])
+    truth = ["Audio > Headphones", "Audio > Speakers", "Cell Phones"]
+    everything = backoff_metrics(truth, probs, labels, [0.8, 0.8])
+    assert everything["levels"]["1"]["coverage"] == 1.0
+    assert everything["levels"]["2"]["coverage"] == 1.0 and everything["needs_review"] == 0.0
+    gated = backoff_metrics(truth, probs, labels, [0.8, 0.8], np.array([False, True, True]))
+    assert gated["levels"]["1"]["coverage"] == pytest.approx(2 / 3)
+    assert gated["levels"]["2"]["coverage"] == pytest.approx(1 / 2)
+    assert gated["needs_review"] == pytest.approx(1 / 3)
+    # The refused row keeps its suggestion.
+    assert gated["candidates"][0] == "Audio > Headphones" and gated["accepted"][0] is None
+
+
 def test_without_unseen_rows_there_is_no_share_to_report() -> None:
     probs = np.array([[0.97, 0.03], [0.2, 0.8]])
     figures = score_predictions(["Audio", "Cell Phones"], probs, ["Audio", "Cell Phones"], 0.9)

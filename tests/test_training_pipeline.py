@@ -160,6 +160,8 @@ def test_train_report_gate_rollback_and_evaluate(
     assert scores["unknown_categories"] == {"Garden": 2}
     # Open-set safety: the share of the two Garden rows the champion auto-accepts.
     assert scores["unknown_auto_accepted"] in (0.0, 0.5, 1.0)
+    # Coverage is what the worker accepts: over the threshold and let stand by the gate.
+    assert scores["coverage"] == pytest.approx(scores["open_set_gate"]["coverage"])
     assert scores["per_class"]["Garden"]["recall"] == 0.0
     assert 0.0 < scores["accuracy"] <= (len(held_out) - 2) / len(held_out)
     # Whole paths against the model's leaf candidates: level 1 is the flat figures, and the

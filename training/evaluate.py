@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from shelver.worker.open_set import withdrawn
 from shelver.worker.tree import LabelTree, path_parts
 
 log = logging.getLogger(__name__)
@@ -192,14 +193,22 @@ def choose_level_thresholds(
 
 
 def backoff_metrics(
-    true_paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], thresholds: Sequence[float]
+    true_paths: Sequence[str],
+    probs: np.ndarray,
+    labels: Sequence[str],
+    thresholds: Sequence[float],
+    admitted: np.ndarray | None = None,
 ) -> dict:
     """What backoff does at ``thresholds``: per level, how many rows were accepted there
     or deeper and how often the accepted node was right (only over rows whose true path
-    reaches the level), and the share left for review. JSON-able."""
+    reaches the level), and the share left for review. JSON-able. ``admitted``, as in
+    ``evaluate``: a row the open-set gate refuses is accepted at no level, as in the
+    worker."""
     tree = LabelTree(labels)
     nodes = tree.node_probs(probs)
     decisions = tree.decide_rows(nodes, thresholds)
+    if admitted is not None:
+        decisions = withdrawn(decisions, admitted)
     truths = [path_parts(t) for t in true_paths]
     levels = {}
     for level in range(1, len(thresholds) + 1):
@@ -230,8 +239,14 @@ def evaluate(
     threshold: float | None = None,
     report_dir: Path | None = None,
     prefix: str = "",
+    admitted: np.ndarray | None = None,
 ) -> dict:
-    """Metrics of ``probs`` (n, K; columns in ``labels`` order) against ``y_true``."""
+    """Metrics of ``probs`` (n, K; columns in ``labels`` order) against ``y_true``.
+
+    ``admitted``: per row, whether the model's open-set gate lets an auto-accept stand
+    (``worker.open_set``); ``coverage`` and ``precision_at_threshold`` then count the
+    auto-accepts the worker would make, not every row over the threshold.
+    """
     labels = list(labels)
     y = _indices(y_true, labels)
     pred = probs.argmax(axis=1)
@@ -263,6 +278,8 @@ def evaluate(
     }
     if threshold is not None:
         accepted = confidence >= threshold
+        if admitted is not None:
+            accepted &= np.asarray(admitted, dtype=bool)
         metrics["threshold"] = float(threshold)
         metrics["coverage"] = float(accepted.mean()) if len(y) else 0.0
         metrics["precision_at_threshold"] = (

@@ -705,11 +705,16 @@ def top_levels(data: TrainingData) -> list[str]:
 
 
 def tree_metrics(
-    true_paths: list[str], probs: np.ndarray, labels: list[str], thresholds: list[float]
+    true_paths: list[str],
+    probs: np.ndarray,
+    labels: list[str],
+    thresholds: list[float],
+    admitted: np.ndarray | None = None,
 ) -> dict:
     """The tree figures: hierarchical and per-level ones of the leaf candidates (what
-    the model names when made to answer), and what backoff at ``thresholds`` accepts."""
-    backoff = backoff_metrics(true_paths, probs, labels, thresholds)
+    the model names when made to answer), and what backoff at ``thresholds`` accepts
+    (of the rows the open-set gate ``admitted``, as the worker does)."""
+    backoff = backoff_metrics(true_paths, probs, labels, thresholds, admitted)
     return {
         **hierarchical_metrics(true_paths, backoff.pop("candidates")),
         "backoff": {k: v for k, v in backoff.items() if k != "accepted"},
@@ -808,12 +813,20 @@ def train(
     served = FusionModel.from_artifact(exported.artifact, exported.sha256)
     test_probs = served.predict(test.inputs)
     tree = served.tree
-    # The flat figures are of the top level, whatever depth the labels have.
+    # The flat figures are of the top level, whatever depth the labels have; coverage
+    # and precision count the auto-accepts the gate lets stand, as the worker makes them.
+    test_roots, val_roots = tree.root_probs(test_probs), tree.root_probs(val_probs)
+    test_admitted = open_set.admits(test.inputs.text_emb, test_roots, tree.root_names)
     test_metrics = evaluate(
-        top_levels(test), tree.root_probs(test_probs), tree.root_names, threshold, report_dir
+        top_levels(test),
+        test_roots,
+        tree.root_names,
+        threshold,
+        report_dir,
+        admitted=test_admitted,
     )
     test_metrics.update(
-        tree_metrics(model_labels(test), test_probs, fitted.labels, level_thresholds)
+        tree_metrics(model_labels(test), test_probs, fitted.labels, level_thresholds, test_admitted)
     )
 
     started = time.perf_counter()
@@ -828,7 +841,11 @@ def train(
     metrics = {
         "test": test_metrics,
         "validation": evaluate(
-            top_levels(val), tree.root_probs(val_probs), tree.root_names, threshold
+            top_levels(val),
+            val_roots,
+            tree.root_names,
+            threshold,
+            admitted=open_set.admits(val.inputs.text_emb, val_roots, tree.root_names),
         ),
         "baseline": {k: baseline_metrics[k] for k in ("accuracy", "macro_f1", "ece", "seconds")},
         "beats_baseline": test_metrics["macro_f1"] > baseline_metrics["macro_f1"],

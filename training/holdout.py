@@ -41,13 +41,14 @@ def score_predictions(
     Unknown categories become extra columns of probability zero: never
     predicted, so their rows count as errors and their recall and F1 are 0.
     ``admitted``: per row, whether the model's open-set gate lets an auto-accept stand
-    (``worker.open_set``); the open-set figures count only those.
+    (``worker.open_set``); ``coverage``, ``precision_at_threshold`` and the open-set
+    figures count only those, as the worker accepts.
     """
     unknown = Counter(y for y in y_true if y not in set(model_labels))
     labels = list(model_labels) + sorted(unknown)
     probs = np.asarray(probs, dtype=np.float64)
     padded = np.hstack([probs, np.zeros((len(probs), len(unknown)))])
-    metrics = evaluate(list(y_true), padded, labels, threshold=threshold)
+    metrics = evaluate(list(y_true), padded, labels, threshold=threshold, admitted=admitted)
     metrics["unknown_categories"] = dict(unknown)
     # Open-set safety: of the rows whose category the model never saw, the share it
     # would have auto-accepted anyway (necessarily into a wrong category).
@@ -73,13 +74,29 @@ def score_model(
     """Score ``model`` on labeled inputs, or on ``rows`` of them (e.g. the test split).
 
     The gate compares models this way, on the top level whatever depth the model's
-    labels have (``worker.tree``); the model's own threshold gives the coverage.
+    labels have (``worker.tree``); the model's own threshold and open-set gate give the
+    coverage.
     """
     if rows is not None:
         data = data.subset(np.asarray(rows))
     tree = model.tree
     probs = tree.root_probs(model.predict(data.inputs))
-    return score_predictions(data.labels, probs, tree.root_names, model.threshold)
+    return score_predictions(
+        data.labels,
+        probs,
+        tree.root_names,
+        model.threshold,
+        admitted_by(model, data.inputs.text_emb, probs),
+    )
+
+
+def admitted_by(
+    model: FusionModel, text_emb: np.ndarray, root_probs: np.ndarray
+) -> np.ndarray | None:
+    """Per row, whether ``model``'s open-set gate lets an auto-accept stand; None
+    without a gate (an older artifact: every auto-accept stands)."""
+    gate = model.open_set
+    return None if gate is None else gate.admits(text_emb, root_probs, model.tree.root_names)
 
 
 @dataclass
@@ -114,10 +131,7 @@ def evaluate_file(model: FusionModel, path: Path, settings: Settings) -> FileEva
     tree = model.tree
     paths = [r.category for r in rows if r.category]
     root_probs = tree.root_probs(probs)
-    gate = model.open_set
-    admitted = (
-        None if gate is None else gate.admits(features.inputs.text_emb, root_probs, tree.root_names)
-    )
+    admitted = admitted_by(model, features.inputs.text_emb, root_probs)
     metrics = score_predictions(
         [top_level(path) for path in paths], root_probs, tree.root_names, model.threshold, admitted
     )

@@ -199,7 +199,11 @@ def gated(
     same rows', so the gate judges the whole batch at once."""
     if gate is None:
         return list(decisions)
-    admitted = gate.admits(text_emb, root_probs, root_names)
+    return withdrawn(decisions, gate.admits(text_emb, root_probs, root_names))
+
+
+def withdrawn(decisions: Sequence[Decision], admitted: np.ndarray) -> list[Decision]:
+    """``decisions`` with the auto-accept of every row not ``admitted`` withdrawn."""
     return [
         d if d.accepted is None or ok else Decision(d.candidate, None, d.path_probs)
         for d, ok in zip(decisions, admitted, strict=True)
