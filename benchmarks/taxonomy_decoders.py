@@ -32,11 +32,16 @@ rows, backoff from the root as the worker does):
   since 2026-12-05);
 - ``branch_<base>_<m>``: the ``base`` rule's level thresholds, tightened for the
   children of any node with at least m validation rows under it whose own rows need a
-  higher threshold to reach the target (an ambiguous branch).
+  higher threshold to reach the target (an ambiguous branch);
+- ``served`` (with ``--gate``): the training default's thresholds with the open-set
+  gate ``shelver train`` fits beside them (``training.open_set``, refitted here on the
+  same split's rows), which withdraws the auto-accepts of rows it refuses at every
+  level: what the worker accepts.
 
     PYTHONPATH=benchmarks .venv/bin/python benchmarks/taxonomy_recipes.py \
         --datasets flipkart,bestbuy --seeds 0,1,2 --ranks 64 --save var/bench/tree-probs
-    PYTHONPATH=benchmarks .venv/bin/python benchmarks/taxonomy_decoders.py var/bench/tree-probs
+    PYTHONPATH=benchmarks .venv/bin/python benchmarks/taxonomy_decoders.py var/bench/tree-probs \
+        --gate
 """
 
 from __future__ import annotations
@@ -171,7 +176,27 @@ def backoff_with(tree, nodes, truths, base, overrides) -> dict:
     return out
 
 
-def study(file: Path) -> dict:
+def gate_admits(file: Path, labels: list[str], val_probs, test_probs, threshold: float):
+    """Per test row, whether the open-set gate ``shelver train`` would fit for this fit
+    admits it: the gate is refitted on the same split (the file name gives the data set
+    and seed), from the embeddings ``taxonomy_recipes`` trained on."""
+    from taxonomy_recipes import with_paths
+    from train_recipes import heldout_split
+
+    from shelver.training.open_set import fit_open_set_gate
+
+    dataset, seed = file.stem.split("-")[0], int(file.stem.rsplit("-s", 1)[1])
+    data = with_paths(dataset)
+    split = heldout_split(dataset, data, seed)
+    test = data.subset(split.test)
+    if [str(p) for p in np.load(file)["test_paths"]] != list(test.paths):
+        raise SystemExit(f"{file}: its test rows are not this split's; fit it again")
+    gate = fit_open_set_gate(data, split, labels, val_probs, threshold)
+    tree = LabelTree(labels)
+    return gate.admits(test.inputs.text_emb, tree.root_probs(test_probs), tree.root_names)
+
+
+def study(file: Path, with_gate: bool = False) -> dict:
     saved = np.load(file)
     labels = [str(s) for s in saved["labels"]]
     val_paths = [str(s) for s in saved["val_paths"]]
@@ -249,8 +274,16 @@ def study(file: Path) -> dict:
     rules["balanced_then_wilson_1.0"] = choose_level_thresholds(
         val_paths, saved["val_probs"], labels, TARGET, class_balanced=True, deep_z=1.0
     )
+    admitted = {name: None for name in rules}
+    if with_gate:
+        rules["served"] = rules["balanced_then_wilson_1.0"]
+        admitted["served"] = gate_admits(
+            file, labels, saved["val_probs"], saved["test_probs"], rules["served"][0]
+        )
     for name, thresholds in rules.items():
-        backoff = backoff_metrics(test_paths, saved["test_probs"], labels, thresholds)
+        backoff = backoff_metrics(
+            test_paths, saved["test_probs"], labels, thresholds, admitted[name]
+        )
         out["rules"][name] = {
             level: (v["precision"], v["coverage"], v["n"]) for level, v in backoff["levels"].items()
         }
@@ -268,10 +301,13 @@ def study(file: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
+    parser.add_argument(
+        "--gate", action="store_true", help="also the served rule, with the open-set gate"
+    )
     args = parser.parse_args()
     by_set: dict[str, list[dict]] = defaultdict(list)
     for file in sorted(args.folder.glob("*.npz")):
-        result = study(file)
+        result = study(file, args.gate)
         print(file.stem, json.dumps(result), flush=True)
         by_set[file.stem.split("-")[0]].append(result)
 
