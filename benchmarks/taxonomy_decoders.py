@@ -176,7 +176,9 @@ def backoff_with(tree, nodes, truths, base, overrides) -> dict:
     return out
 
 
-def gate_admits(file: Path, labels: list[str], val_probs, test_probs, threshold: float):
+def gate_admits(
+    file: Path, labels: list[str], val_probs, test_probs, test_paths: list[str], threshold: float
+):
     """Per test row, whether the open-set gate ``shelver train`` would fit for this fit
     admits it: the gate is refitted on the same split (the file name gives the data set
     and seed), from the embeddings ``taxonomy_recipes`` trained on."""
@@ -189,7 +191,7 @@ def gate_admits(file: Path, labels: list[str], val_probs, test_probs, threshold:
     data = with_paths(dataset)
     split = heldout_split(dataset, data, seed)
     test = data.subset(split.test)
-    if [str(p) for p in np.load(file)["test_paths"]] != list(test.paths):
+    if test_paths != list(test.paths):
         raise SystemExit(f"{file}: its test rows are not this split's; fit it again")
     gate = fit_open_set_gate(data, split, labels, val_probs, threshold)
     tree = LabelTree(labels)
@@ -278,7 +280,7 @@ def study(file: Path, with_gate: bool = False) -> dict:
     if with_gate:
         rules["served"] = rules["balanced_then_wilson_1.0"]
         admitted["served"] = gate_admits(
-            file, labels, saved["val_probs"], saved["test_probs"], rules["served"][0]
+            file, labels, saved["val_probs"], saved["test_probs"], test_paths, rules["served"][0]
         )
     for name, thresholds in rules.items():
         backoff = backoff_metrics(
