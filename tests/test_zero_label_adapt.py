@@ -338,6 +338,11 @@ def test_beat_adapts_as_products_arrive_and_a_training_worker_stores_it(
         assert queued.llen("training") == 0
 
         # A category added to the tree: the scorer it serves is new, so it is adapted again.
+        # Four more products, fewer than the schedule's minimum, so that it is the taxonomy
+        # change that queues it; with only the eight, whether a category gets three of the
+        # surer half of the suggestions turned on float noise (CI, 2026-12-07).
+        insert_products(engine, [{"sku": f"s{i}", "name": f"{n}, value pack"}
+                                 for i, n in enumerate(LITTER)])  # fmt: skip
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO categories (name) VALUES ('Gift Cards')"))
         assert "adaptation queued: the taxonomy changed since the last adaptation" in beat()
