@@ -47,6 +47,7 @@ from shelver.training.dataset import TrainingData
 from shelver.training.evaluate import backoff_metrics, choose_level_thresholds, evaluate
 from shelver.training.export import export_artifact
 from shelver.training.hierarchy import hierarchical_metrics
+from shelver.training.holdout import admitted_by
 from shelver.training.open_set import fit_open_set_gate
 from shelver.training.splits import Split, stratified_split
 from shelver.worker.fusion import FusionModel, fusion_inputs
@@ -814,9 +815,10 @@ def train(
     test_probs = served.predict(test.inputs)
     tree = served.tree
     # The flat figures are of the top level, whatever depth the labels have; coverage
-    # and precision count the auto-accepts the gate lets stand, as the worker makes them.
+    # and precision count the auto-accepts the served artifact's gate lets stand, as the
+    # worker makes them.
     test_roots, val_roots = tree.root_probs(test_probs), tree.root_probs(val_probs)
-    test_admitted = open_set.admits(test.inputs.text_emb, test_roots, tree.root_names)
+    test_admitted = admitted_by(served, test.inputs.text_emb, test_roots)
     test_metrics = evaluate(
         top_levels(test),
         test_roots,
@@ -845,7 +847,7 @@ def train(
             val_roots,
             tree.root_names,
             threshold,
-            admitted=open_set.admits(val.inputs.text_emb, val_roots, tree.root_names),
+            admitted=admitted_by(served, val.inputs.text_emb, val_roots),
         ),
         "baseline": {k: baseline_metrics[k] for k in ("accuracy", "macro_f1", "ece", "seconds")},
         "beats_baseline": test_metrics["macro_f1"] > baseline_metrics["macro_f1"],
