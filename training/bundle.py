@@ -108,11 +108,12 @@ def build_default_model(data: Path, target: Path = BUNDLE_DIR) -> Path:
         url = create_database(server, "shelver")
         upgrade(url)
         engine = engine_for(sqlalchemy_url(url))
-        import_file(engine, data)
+        image_roots = [data.resolve().parent]
+        import_file(engine, data, image_roots=image_roots)
         run_settings = settings.model_copy(
             update={
                 "database_url": url,
-                "image_roots": [data.resolve().parent],
+                "image_roots": image_roots,
                 "data_dir": Path(tmp) / "var",
             }
         )
