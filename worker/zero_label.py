@@ -726,12 +726,12 @@ class MergedModel:
 
     How likely the product is to be in a category the champion never learned is the
     zero-label scorer's two-way choice between the closest unlabeled category and the
-    closest one the champion covers, at the calibrated temperature. The champion's
-    probabilities are scaled by the rest, and that mass is shared among the unlabeled
-    categories by their zero-label softmax: one distribution summing to 1. A product that
-    looks like an unlabeled category thus loses the champion's confidence and goes to
-    review, and a category added to the tree is suggested from the next product on;
-    nothing unlabeled is auto-accepted (``KnownBackoffTree``).
+    closest one the champion covers, at the calibrated temperature (``unlabeled_mass``).
+    The champion's probabilities are scaled by the rest, and that mass is shared among
+    the unlabeled categories by their zero-label softmax: one distribution summing to 1.
+    A product that looks like an unlabeled category thus loses the champion's confidence
+    and goes to review, and a category added to the tree is suggested from the next
+    product on; nothing unlabeled is auto-accepted (``KnownBackoffTree``).
     """
 
     def __init__(
@@ -765,17 +765,28 @@ class MergedModel:
             return trained
         text = np.asarray(inputs.text_emb, dtype=np.float32)
         elsewhere = (text @ self.scorer.vectors[self.unlabeled].T) / MERGE_TEMPERATURE
-        # The best unlabeled category against the best covered one, not all of them
-        # against all: a taxonomy of thousands of nodes beside a champion of a dozen
-        # labels would otherwise win on numbers alone.
         best_elsewhere = elsewhere.max(axis=1)
-        best_covered = (text @ self._covered_vectors.T).max(axis=1) / MERGE_TEMPERATURE
-        unlabeled_mass = 1.0 / (1.0 + np.exp(best_covered - best_elsewhere))
+        unlabeled_mass = self.unlabeled_mass(text, best_elsewhere, trained)
         within = np.exp(elsewhere - best_elsewhere[:, None])
         within /= within.sum(axis=1, keepdims=True)
         return np.hstack(
             [trained * (1.0 - unlabeled_mass)[:, None], within * unlabeled_mass[:, None]]
         )
+
+    def unlabeled_mass(
+        self, text: np.ndarray, best_elsewhere: np.ndarray, trained: np.ndarray
+    ) -> np.ndarray:
+        """How likely each product is to be of a category the champion never learned.
+
+        The best unlabeled category against the best covered one, not all of them
+        against all: a taxonomy of thousands of nodes beside a champion of a dozen
+        labels would otherwise win on numbers alone. The champion's own confidence
+        (``trained``) is left out on purpose: scaling by its doubt keeps known rows but
+        lets products of a new category that it is sure of be auto-accepted wrongly
+        (docs/cold_start.md, benchmarks/merge_added_categories.py).
+        """
+        best_covered = (text @ self._covered_vectors.T).max(axis=1) / MERGE_TEMPERATURE
+        return 1.0 / (1.0 + np.exp(best_covered - best_elsewhere))
 
 
 _runtime: ZeroLabelRuntime | None = None
