@@ -41,7 +41,7 @@ from shelver.worker.encoders import load_encoders
 from shelver.worker.fusion import FusionModel, sha256_hex
 from shelver.worker.open_set import gated
 
-MARGINS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.12)
+MARGINS = (0.02, 0.04, 0.06, 0.08, 0.12)  # 0 is the served merge
 
 
 class Doubted(zero_label.MergedModel):
@@ -95,8 +95,11 @@ def run_split(data, scorer, text_encoder, seed: int, workdir: Path) -> dict:  # 
     champion = FusionModel.from_artifact(artifact, sha256_hex(artifact))
     known_rows, absent_rows = split.test[~is_absent[split.test]], np.nonzero(is_absent)[0]
     known, unknown = data.subset(known_rows), data.subset(absent_rows)
-    result: dict = {"absent": absent, "known_rows": len(known_rows)}
-    result["absent_rows"] = len(absent_rows)
+    result: dict = {
+        "absent": absent,
+        "known_rows": len(known_rows),
+        "absent_rows": len(absent_rows),
+    }
 
     def score(name: str, model) -> None:  # noqa: ANN001
         result[name] = {
@@ -107,7 +110,7 @@ def run_split(data, scorer, text_encoder, seed: int, workdir: Path) -> dict:  # 
     score("champion", champion)
     score("merged (served)", zero_label.MergedModel(champion, scorer, text_encoder))
     score("merged x doubt", Doubted(champion, scorer, text_encoder))
-    for margin in MARGINS[1:]:
+    for margin in MARGINS:
         margined = Margined(champion, scorer, text_encoder)
         margined.margin = margin
         score(f"merged, margin {margin}", margined)
