@@ -17,6 +17,9 @@ Embeddings come from ``train_recipes``' cache (SHELVER_BENCH_CACHE).
 
     PYTHONPATH=benchmarks .venv/bin/python benchmarks/taxonomy_recipes.py \
         --datasets bestbuy,flipkart --seeds 0,1,2 --ranks 64,full
+
+``--photo-weights 0,0.5`` compares values of ``LexicalParams.photo_weight`` (the photo
+term) in the same run.
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ def main() -> None:
         "--balance", default="path", help="TrainParams.balance values to compare, comma-separated"
     )
     parser.add_argument(
+        "--photo-weights",
+        help="LexicalParams.photo_weight values to compare, comma-separated (default: the"
+        " recipe's own)",
+    )
+    parser.add_argument(
         "--save", type=Path, help="folder for each tree fit's validation and test probabilities"
     )
     args = parser.parse_args()
@@ -132,11 +140,18 @@ def main() -> None:
                        "top_macro_f1": top_macro_f1(test.labels, tops)}  # fmt: skip
                 results.append(row)
                 print(json.dumps(row), flush=True)
-            for rank, balance in itertools.product(args.ranks.split(","), args.balance.split(",")):
+            photo_weights = args.photo_weights.split(",") if args.photo_weights else [None]
+            for rank, balance, photo in itertools.product(
+                args.ranks.split(","), args.balance.split(","), photo_weights
+            ):
                 params = TrainParams(
                     seed=seed, linear_rank=None if rank == "full" else int(rank), balance=balance
                 )
                 recipe = f"tree_rank_{rank}_{balance}"
+                if photo is not None:
+                    lexical = dataclasses.replace(params.lexical, photo_weight=float(photo))
+                    params = dataclasses.replace(params, lexical=lexical)
+                    recipe += f"_photo{photo}"
                 row = {"dataset": dataset, "seed": seed, "recipe": recipe}
                 save = args.save / f"{dataset}-{recipe}-s{seed}.npz" if args.save else None
                 row.update(score_tree(data, split, params, save))
@@ -149,7 +164,7 @@ def main() -> None:
         mean = {
             k: float(np.mean([r[k] for r in rows])) for k in ("hF", "top_macro_f1") if k in rows[0]
         }
-        print(f"{dataset:10s} {recipe:18s} seeds={len(rows)} {json.dumps(mean)}")
+        print(f"{dataset:10s} {recipe:28s} seeds={len(rows)} {json.dumps(mean)}")
 
 
 if __name__ == "__main__":

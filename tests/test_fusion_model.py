@@ -49,7 +49,13 @@ from shelver.worker.fusion import (
     sha256_hex,
 )
 from shelver.worker.inputs import ModelInputs, ProductContent, UnknownTextPacking, pack_texts
-from shelver.worker.lexical import LexicalParams, LexicalVocabulary, analyze, fit_vocabulary
+from shelver.worker.lexical import (
+    PHOTO_TERM,
+    LexicalParams,
+    LexicalVocabulary,
+    analyze,
+    fit_vocabulary,
+)
 
 BLOCKS = {"w": 0, "c": 1, "nw": 2, "nc": 3}
 
@@ -422,6 +428,40 @@ def test_name_block_is_the_baselines_features_of_the_name_beside_those_of_the_te
         vocab.transform(texts)
     with pytest.raises(ValueError, match="3 names"):
         vocab.transform(texts, names[:3])
+
+
+def test_photo_term_is_one_more_term_outside_the_norms_only_where_a_photo_is():
+    names = ["Canon EOS R50", "Samsung Galaxy S9 case", "Canon lens 50mm"]
+    texts = [f"{n}. For shoppers." for n in names]
+    plain = LexicalParams(analyzer="tfidf_union", word_min_df=1, name_weight=0.5)
+    with_photo = dataclasses.replace(plain, photo_weight=0.5)
+    vocab = fit_vocabulary(texts, with_photo, names=names)
+    assert vocab.terms[-1] == PHOTO_TERM
+    assert vocab.terms[:-1] == fit_vocabulary(texts, plain, names=names).terms
+    photos = np.array([1.0, 0.0, 1.0], np.float32)
+    ours = lexical_matrix(vocab, texts, names, photos).toarray()
+    photo_column = vocab.size - 1
+    assert ours[:, photo_column].tolist() == [0.5, 0.0, 0.5]
+    # Every other weight is the plain vocabulary's, photo or not.
+    np.testing.assert_allclose(
+        ours[:, :photo_column],
+        lexical_matrix(fit_vocabulary(texts, plain, names=names), texts, names).toarray(),
+        atol=1e-6,
+    )
+    ids, weights = vocab.transform(texts, names, photos)
+    assert ids[0][weights[0] > 0][-1] == photo_column  # last in its row
+    again = LexicalVocabulary.from_json(json.loads(json.dumps(vocab.to_json())))
+    assert again.params.photo_weight == 0.5
+    np.testing.assert_allclose(lexical_matrix(again, texts, names, photos).toarray(), ours, atol=1e-6)
+    with pytest.raises(ValueError, match="pass photos"):
+        vocab.transform(texts, names)
+    with pytest.raises(ValueError, match="2 photo flags"):
+        vocab.transform(texts, names, photos[:2])
+    # A vocabulary from before the option reads no flags and ignores them.
+    old = fit_vocabulary(texts, plain, names=names)
+    np.testing.assert_array_equal(
+        old.transform(texts, names, photos)[0], old.transform(texts, names)[0]
+    )
 
 
 def test_evaluation_figures_on_a_hand_made_example(tmp_path):

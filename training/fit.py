@@ -51,6 +51,7 @@ from shelver.training.holdout import admitted_by
 from shelver.training.open_set import fit_open_set_gate
 from shelver.training.splits import Split, stratified_split
 from shelver.worker.fusion import FusionModel, fusion_inputs
+from shelver.worker.inputs import ModelInputs
 from shelver.worker.lexical import LexicalParams, LexicalVocabulary, fit_vocabulary
 from shelver.worker.tree import path_parts
 
@@ -208,17 +209,27 @@ def used_terms(features):
     return cols, sp.csr_matrix((x.data, inverse.ravel(), x.indptr), shape=(x.shape[0], len(cols)))
 
 
-def lexical_matrix(vocabulary: LexicalVocabulary, texts: list[str], names: list[str] | None = None):
+def lexical_matrix(
+    vocabulary: LexicalVocabulary,
+    texts: list[str],
+    names: list[str] | None = None,
+    photos: np.ndarray | None = None,
+):
     """The TF-IDF bags as a scipy CSR matrix (n, vocabulary size) for scikit-learn."""
     import scipy.sparse as sp
 
-    ids, weights = vocabulary.transform(texts, names)
+    ids, weights = vocabulary.transform(texts, names, photos)
     rows = np.repeat(np.arange(len(ids)), ids.shape[1])
     keep = weights.ravel() != 0
     return sp.csr_matrix(
         (weights.ravel()[keep], (rows[keep], ids.ravel()[keep])),
         shape=(len(ids), vocabulary.size),
     )
+
+
+def lexical_of(vocabulary: LexicalVocabulary, inputs: ModelInputs):
+    """``lexical_matrix`` of a set's inputs: its texts, names and photo flags."""
+    return lexical_matrix(vocabulary, inputs.texts, inputs.names, inputs.image_present)
 
 
 def factor(coef: np.ndarray, rank: int, features) -> tuple[np.ndarray, np.ndarray]:
@@ -600,8 +611,8 @@ def _fit_one(
     weight = 0.0
     if params.linear_c is not None and vocabulary is not None:
         x_train, x_val = (
-            lexical_matrix(vocabulary, train.inputs.texts, train.inputs.names),
-            lexical_matrix(vocabulary, val.inputs.texts, val.inputs.names),
+            lexical_of(vocabulary, train.inputs),
+            lexical_of(vocabulary, val.inputs),
         )
         linear, estimator = fit_linear(
             x_train, y[split.train], len(labels), params.linear_c, rank=params.linear_rank,
@@ -613,7 +624,7 @@ def _fit_one(
         val_probs = weight * linear_val + (1 - weight) * val_probs
         y_rest = np.concatenate([y[split.train], y[split.val]])
         linear, estimator = fit_linear(
-            lexical_matrix(vocabulary, rest.inputs.texts, rest.inputs.names),
+            lexical_of(vocabulary, rest.inputs),
             y_rest,
             len(labels),
             params.linear_c,
@@ -661,7 +672,7 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
         vocabulary = fit_vocabulary(data.inputs.texts, vocabulary.params, data.inputs.names)
         warm = None  # other columns: nothing to start from
     linear, estimator = fit_linear(
-        lexical_matrix(vocabulary, data.inputs.texts, data.inputs.names),
+        lexical_of(vocabulary, data.inputs),
         y,
         len(fitted.labels),
         float(fitted.linear_estimator.C),

@@ -104,7 +104,9 @@ def fusion_inputs(
         "image_present": present,
     }
     if vocabulary is not None:
-        feeds["lex_ids"], feeds["lex_weights"] = vocabulary.transform(inputs.texts, inputs.names)
+        feeds["lex_ids"], feeds["lex_weights"] = vocabulary.transform(
+            inputs.texts, inputs.names, inputs.image_present
+        )
     return feeds
 
 

@@ -18,6 +18,9 @@ API:
     # With ``name_weight`` > 0 the product names form blocks of their own:
     vocab = fit_vocabulary(texts, params, names=names)
     ids, weights = vocab.transform(texts, names=names)
+
+    # With ``photo_weight`` > 0 a row with a usable photo gets one more term:
+    ids, weights = vocab.transform(texts, names=names, photos=image_present)
 """
 
 from __future__ import annotations
@@ -40,8 +43,12 @@ _SKLEARN_WORD = re.compile(r"(?u)\b\w\w+\b")
 # Id 0 is reserved for padding, so a padded slot (id 0, weight 0) adds nothing.
 PAD_ID = 0
 
-# Term prefix -> normalization block: text words, text chars, name words, name chars.
-_BLOCKS = {"w": 0, "c": 1, "nw": 2, "nc": 3}
+# Term prefix -> normalization block: text words, text chars, name words, name chars;
+# and the photo term, which transform() adds after the norms.
+_BLOCKS = {"w": 0, "c": 1, "nw": 2, "nc": 3, "p": 4}
+
+# The term of a product with a usable photo (``LexicalParams.photo_weight``).
+PHOTO_TERM = "p:photo"
 
 # Distinct words whose char n-gram ids one vocabulary remembers (per block) before it
 # starts over: a few tens of MB at most, and a catalog's words repeat far more often.
@@ -75,6 +82,11 @@ class LexicalParams:
     # this weight. Where long descriptions drown the name (Best Buy) this is the
     # single largest gain measured (docs/training.md). "tfidf_union" only.
     name_weight: float = 0.0
+    # > 0: a row whose product has a usable photo gets one more term, PHOTO_TERM, at
+    # this weight (outside every norm). It lets the model learn where a catalog
+    # shelved products with photos differently from those without (docs/training.md,
+    # "Whether a product has a photo").
+    photo_weight: float = 0.0
 
 
 def _char_ngrams(word: str, lo: int, hi: int) -> Iterable[str]:
@@ -158,18 +170,28 @@ class LexicalVocabulary:
     def reads_names(self) -> bool:
         return self.params.name_weight > 0
 
+    @property
+    def reads_photos(self) -> bool:
+        return self.params.photo_weight > 0
+
     def transform(
-        self, texts: Sequence[str], names: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        names: Sequence[str] | None = None,
+        photos: Sequence[float] | np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Padded (ids, weights) of sublinear-tf x idf, L2-normalized per row and block.
 
         ``names`` (the product names, one per text) are needed when the vocabulary
-        reads them (``reads_names``) and ignored otherwise. Unknown terms are dropped.
-        A row with no known term is all padding, which the model sees as "no lexical
-        evidence" rather than an error.
+        reads them (``reads_names``) and ignored otherwise; ``photos`` (1 where the
+        product's photo was usable, else 0: ``ModelInputs.image_present``) likewise
+        when it reads photos (``reads_photos``). Unknown terms are dropped. A row with
+        no known term is all padding, which the model sees as "no lexical evidence"
+        rather than an error.
         """
         if self.reads_names and self.params.analyzer != "tfidf_union":
             raise ValueError("lexical name_weight needs the tfidf_union analyzer")
+        has_photo = self._photo_rows(photos, len(texts))
         named = _with_names(texts, names if self.reads_names else None, self.reads_names)
         # The batch as flat arrays (row r's terms at offsets[r]:offsets[r + 1]), so the
         # weighting, normalization and padding below are a few numpy calls per batch.
@@ -187,6 +209,8 @@ class LexicalVocabulary:
         n = len(lengths)
         row = np.repeat(np.arange(n), lengths)
         w = self._normalized(ids, w, row, n)
+        if has_photo is not None:
+            ids, w, row, lengths = self._with_photo_term(ids, w, row, lengths, has_photo)
         width = max(1, int(lengths.max(initial=0)))
         offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         position = np.arange(len(ids)) - offsets[row]
@@ -195,6 +219,31 @@ class LexicalVocabulary:
         out_ids[row, position] = ids
         out_w[row, position] = w
         return out_ids, out_w
+
+    def _photo_rows(self, photos, n: int) -> np.ndarray | None:
+        """The rows that get the photo term, or None when this vocabulary has none."""
+        if not self.reads_photos:
+            return None
+        if photos is None:
+            raise ValueError(
+                "this lexical vocabulary reads whether a product has a photo: pass photos"
+            )
+        has = np.asarray(photos, dtype=np.float32).reshape(-1) > 0
+        if len(has) != n:
+            raise ValueError(f"lexical features: {n} texts but {len(has)} photo flags")
+        return has
+
+    def _with_photo_term(self, ids, w, row, lengths, has_photo):
+        """The flat arrays with PHOTO_TERM appended to each row in ``has_photo``."""
+        extra = np.flatnonzero(has_photo)
+        photo_id = self._index[PHOTO_TERM]  # type: ignore[attr-defined]
+        row = np.concatenate([row, extra])
+        # Stable: each row's own terms keep their order, the photo term comes last.
+        order = np.argsort(row, kind="stable")
+        ids = np.concatenate([ids, np.full(len(extra), photo_id, dtype=ids.dtype)])[order]
+        weight = np.full(len(extra), self.params.photo_weight, dtype=np.float32)
+        w = np.concatenate([w, weight])[order]
+        return ids, w, row[order], lengths + has_photo
 
     def _weighted(
         self, row_ids: list[list[int]], row_tf: list[list[int]]
@@ -259,6 +308,7 @@ class LexicalVocabulary:
     def _normalized(self, ids: np.ndarray, w: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
         """``w`` L2-normalized per row ("words"), or per row and block, the name blocks
         then scaled by ``name_weight`` ("tfidf_union"). An all-zero group stays zero."""
+        # The photo term is never among them: transform() adds it after this.
         if self.params.analyzer == "words":
             group, groups, scale = row, n, np.ones(1, dtype=np.float32)
             block = np.zeros(len(ids), dtype=np.int64)
@@ -324,4 +374,8 @@ def fit_vocabulary(
     n = len(texts)
     # Smoothed idf, as if one extra document held every term: never zero, never inf.
     idf = tuple(math.log((1 + n) / (1 + c)) + 1.0 for _, c in kept)
-    return LexicalVocabulary(params=params, terms=tuple(t for t, _ in kept), idf=idf)
+    terms = tuple(t for t, _ in kept)
+    if params.photo_weight > 0:
+        # Its weight is photo_weight alone (transform() does not read its idf).
+        terms, idf = (*terms, PHOTO_TERM), (*idf, 1.0)
+    return LexicalVocabulary(params=params, terms=terms, idf=idf)
