@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import f1_score
 from train_recipes import heldout_split, load
 
-from shelver.training.fit import TrainParams, fit_linear, fit_model, lexical_matrix, predict_keras
+from shelver.training.fit import TrainParams, fit_linear, fit_model, lexical_of, predict_keras
 from shelver.worker.lexical import fit_vocabulary
 
 SHARES = [k / 10 for k in range(11)]
@@ -42,14 +42,12 @@ def main() -> None:
         rest, test = data.subset(rest_rows), data.subset(split.test)
         vocabulary = fit_vocabulary(rest.inputs.texts, lexical, rest.inputs.names)
         linear, _ = fit_linear(
-            lexical_matrix(vocabulary, rest.inputs.texts, rest.inputs.names),
+            lexical_of(vocabulary, rest),
             y[rest_rows],
             len(labels),
             10.0,
         )
-        p_linear = linear.predict_proba(
-            lexical_matrix(vocabulary, test.inputs.texts, test.inputs.names)
-        )
+        p_linear = linear.predict_proba(lexical_of(vocabulary, test))
         p_network = predict_keras(fitted, test)
         row = [
             f1_score(y[split.test], (w * p_linear + (1 - w) * p_network).argmax(1), average="macro")

@@ -25,6 +25,7 @@ No embeddings, no network: a split takes a few minutes. Figures: docs/training.m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -39,7 +40,7 @@ from shelver.training.fit import (
     class_weights,
     factor,
     fit_linear,
-    lexical_matrix,
+    lexical_of,
     root_membership,
     tree_probs,
 )
@@ -110,13 +111,17 @@ def run(dataset: str, data: TrainingData, seed: int) -> dict:
     score("baseline", fit_baseline(rest.inputs.texts, rest.paths, seed=seed).predict(
         test.inputs.texts))  # fmt: skip
     vocab = fit_vocabulary(rest.inputs.texts, TrainParams().lexical, rest.inputs.names)
-    x_rest = lexical_matrix(vocab, rest.inputs.texts, rest.inputs.names)
-    x_test = lexical_matrix(vocab, test.inputs.texts, test.inputs.names)
+    # The path part reads the photo term, the top level does not (as fit_model does).
+    x_rest, x_test = lexical_of(vocab, rest), lexical_of(vocab, test)
+    flat_rest, flat_test = (dataclasses.replace(d, paths=None) for d in (rest, test))
     roots = sorted(set(rest.labels))
     top, _ = fit_linear(
-        x_rest, np.array([roots.index(label) for label in rest.labels]), len(roots), 10.0
+        lexical_of(vocab, flat_rest),
+        np.array([roots.index(label) for label in rest.labels]),
+        len(roots),
+        10.0,
     )
-    top_probs = top.predict_proba(x_test)
+    top_probs = top.predict_proba(lexical_of(vocab, flat_test))
     labels = sorted(set(data.paths))
     y = np.array([labels.index(p) for p in rest.paths])
     membership = root_membership(labels, roots)

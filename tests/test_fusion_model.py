@@ -34,6 +34,7 @@ from shelver.training.fit import (
     fit_linear,
     fit_model,
     lexical_matrix,
+    lexical_of,
     refit_linear,
     split_for,
     train,
@@ -185,7 +186,7 @@ def test_refit_linear_is_the_fit_on_every_row():
     # The network reads no bag, so the vocabulary is refitted on every row too.
     texts, names = data.inputs.texts, data.inputs.names
     assert refitted.vocabulary == fit_vocabulary(texts, fitted.vocabulary.params, names)
-    features = lexical_matrix(refitted.vocabulary, texts, names)
+    features = lexical_of(refitted.vocabulary, data)  # flat labels: the photo term cleared
     y = np.array([LABELS.index(label) for label in data.labels])
     cold, _ = fit_linear(features, y, num_classes=3, c=params.linear_c)
     np.testing.assert_allclose(
@@ -452,7 +453,9 @@ def test_photo_term_is_one_more_term_outside_the_norms_only_where_a_photo_is():
     assert ids[0][weights[0] > 0][-1] == photo_column  # last in its row
     again = LexicalVocabulary.from_json(json.loads(json.dumps(vocab.to_json())))
     assert again.params.photo_weight == 0.5
-    np.testing.assert_allclose(lexical_matrix(again, texts, names, photos).toarray(), ours, atol=1e-6)
+    np.testing.assert_allclose(
+        lexical_matrix(again, texts, names, photos).toarray(), ours, atol=1e-6
+    )
     with pytest.raises(ValueError, match="pass photos"):
         vocab.transform(texts, names)
     with pytest.raises(ValueError, match="2 photo flags"):
@@ -567,6 +570,30 @@ def test_training_on_paths_scores_the_tree_and_keeps_top_level_figures(tmp_path)
     assert set(test["levels"]) == {"1", "2"} and 0 < test["hierarchical"]["f1"] <= 1
     assert set(test["backoff"]["levels"]) == {"1", "2"}
     assert result.metrics["baseline"]["macro_f1"] > 0.9
+
+
+def test_only_the_path_part_reads_the_photo_term():
+    data = with_paths(synthetic())
+    params = TrainParams(
+        epochs=1,
+        batch_size=32,
+        lexical=dataclasses.replace(TrainParams().lexical, max_terms=2000, photo_weight=0.5),
+    )
+    fitted = fit_model(data, split_for(data, params), params)
+    top, paths = fitted.parts
+    photo_row = fitted.vocabulary.size - 1
+    assert fitted.vocabulary.terms[-1] == PHOTO_TERM
+    # The top level was fitted on a cleared column and serves nothing for the term ...
+    assert not top.model.get_layer("linear").get_weights()[0][photo_row].any()
+    # ... while the paths learned from it (60% of the synthetic rows have a photo).
+    assert paths.model.get_layer("linear").get_weights()[0][photo_row].any()
+    flat = dataclasses.replace(data, paths=None)
+    assert lexical_of(fitted.vocabulary, flat)[:, photo_row].nnz == 0
+    photos = lexical_of(fitted.vocabulary, data)[:, photo_row].toarray().ravel()
+    assert photos.tolist() == (0.5 * data.inputs.image_present).tolist()
+    refitted = refit_linear(fitted, data)
+    top, _ = refitted.parts
+    assert not top.model.get_layer("linear").get_weights()[0][photo_row].any()
 
 
 def test_per_level_thresholds_on_a_flat_tree_are_the_flat_threshold():
