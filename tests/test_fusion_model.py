@@ -441,7 +441,8 @@ def test_photo_term_is_one_more_term_outside_the_norms_only_where_a_photo_is():
     assert vocab.terms[:-1] == fit_vocabulary(texts, plain, names=names).terms
     photos = np.array([1.0, 0.0, 1.0], np.float32)
     ours = lexical_matrix(vocab, texts, names, photos).toarray()
-    photo_column = vocab.size - 1
+    photo_column = vocab.photo_id
+    assert photo_column == vocab.size - 1  # the last term
     assert ours[:, photo_column].tolist() == [0.5, 0.0, 0.5]
     # Every other weight is the plain vocabulary's, photo or not.
     np.testing.assert_allclose(
@@ -581,7 +582,7 @@ def test_only_the_path_part_reads_the_photo_term():
     )
     fitted = fit_model(data, split_for(data, params), params)
     top, paths = fitted.parts
-    photo_row = fitted.vocabulary.size - 1
+    photo_row = fitted.vocabulary.photo_id
     assert fitted.vocabulary.terms[-1] == PHOTO_TERM
     # The top level was fitted on a cleared column and serves nothing for the term ...
     assert not top.model.get_layer("linear").get_weights()[0][photo_row].any()

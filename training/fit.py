@@ -252,7 +252,7 @@ def without_photo_term(linear: LinearModel, vocabulary: LexicalVocabulary, data:
     fitted on a zero column, and served rows carry the term."""
     if vocabulary.reads_photos and not reads_photo_term(data):
         coef = linear.coef.copy()
-        coef[vocabulary.size - 1] = 0
+        coef[vocabulary.photo_id] = 0
         linear = dataclasses.replace(linear, coef=coef)
     return linear
 

@@ -174,6 +174,11 @@ class LexicalVocabulary:
     def reads_photos(self) -> bool:
         return self.params.photo_weight > 0
 
+    @property
+    def photo_id(self) -> int:
+        """The photo term's id (its row of the model's tables); only when ``reads_photos``."""
+        return self._index[PHOTO_TERM]  # type: ignore[attr-defined]
+
     def transform(
         self,
         texts: Sequence[str],
@@ -236,7 +241,7 @@ class LexicalVocabulary:
     def _with_photo_term(self, ids, w, row, lengths, has_photo):
         """The flat arrays with PHOTO_TERM appended to each row in ``has_photo``."""
         extra = np.flatnonzero(has_photo)
-        photo_id = self._index[PHOTO_TERM]  # type: ignore[attr-defined]
+        photo_id = self.photo_id
         row = np.concatenate([row, extra])
         # Stable: each row's own terms keep their order, the photo term comes last.
         order = np.argsort(row, kind="stable")
