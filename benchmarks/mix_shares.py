@@ -42,12 +42,12 @@ def main() -> None:
         rest, test = data.subset(rest_rows), data.subset(split.test)
         vocabulary = fit_vocabulary(rest.inputs.texts, lexical, rest.inputs.names)
         linear, _ = fit_linear(
-            lexical_of(vocabulary, rest),
+            lexical_of(vocabulary, rest, False),
             y[rest_rows],
             len(labels),
             10.0,
         )
-        p_linear = linear.predict_proba(lexical_of(vocabulary, test))
+        p_linear = linear.predict_proba(lexical_of(vocabulary, test, False))
         p_network = predict_keras(fitted, test)
         row = [
             f1_score(y[split.test], (w * p_linear + (1 - w) * p_network).argmax(1), average="macro")

@@ -25,7 +25,6 @@ No embeddings, no network: a split takes a few minutes. Figures: docs/training.m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 import numpy as np
@@ -41,6 +40,7 @@ from shelver.training.fit import (
     factor,
     fit_linear,
     lexical_of,
+    reads_photo_term,
     root_membership,
     tree_probs,
 )
@@ -112,16 +112,16 @@ def run(dataset: str, data: TrainingData, seed: int) -> dict:
         test.inputs.texts))  # fmt: skip
     vocab = fit_vocabulary(rest.inputs.texts, TrainParams().lexical, rest.inputs.names)
     # The path part reads the photo term, the top level does not (as fit_model does).
-    x_rest, x_test = lexical_of(vocab, rest), lexical_of(vocab, test)
-    flat_rest, flat_test = (dataclasses.replace(d, paths=None) for d in (rest, test))
+    photos = reads_photo_term(data)
+    x_rest, x_test = lexical_of(vocab, rest, photos), lexical_of(vocab, test, photos)
     roots = sorted(set(rest.labels))
     top, _ = fit_linear(
-        lexical_of(vocab, flat_rest),
+        lexical_of(vocab, rest, False),
         np.array([roots.index(label) for label in rest.labels]),
         len(roots),
         10.0,
     )
-    top_probs = top.predict_proba(lexical_of(vocab, flat_test))
+    top_probs = top.predict_proba(lexical_of(vocab, test, False))
     labels = sorted(set(data.paths))
     y = np.array([labels.index(p) for p in rest.paths])
     membership = root_membership(labels, roots)

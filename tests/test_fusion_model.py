@@ -35,6 +35,7 @@ from shelver.training.fit import (
     fit_model,
     lexical_matrix,
     lexical_of,
+    reads_photo_term,
     refit_linear,
     split_for,
     train,
@@ -186,7 +187,7 @@ def test_refit_linear_is_the_fit_on_every_row():
     # The network reads no bag, so the vocabulary is refitted on every row too.
     texts, names = data.inputs.texts, data.inputs.names
     assert refitted.vocabulary == fit_vocabulary(texts, fitted.vocabulary.params, names)
-    features = lexical_of(refitted.vocabulary, data)  # flat labels: the photo term cleared
+    features = lexical_of(refitted.vocabulary, data, photos=False)  # flat labels
     y = np.array([LABELS.index(label) for label in data.labels])
     cold, _ = fit_linear(features, y, num_classes=3, c=params.linear_c)
     np.testing.assert_allclose(
@@ -588,10 +589,14 @@ def test_only_the_path_part_reads_the_photo_term():
     assert not top.model.get_layer("linear").get_weights()[0][photo_row].any()
     # ... while the paths learned from it (60% of the synthetic rows have a photo).
     assert paths.model.get_layer("linear").get_weights()[0][photo_row].any()
-    flat = dataclasses.replace(data, paths=None)
-    assert lexical_of(fitted.vocabulary, flat)[:, photo_row].nnz == 0
-    photos = lexical_of(fitted.vocabulary, data)[:, photo_row].toarray().ravel()
+    assert reads_photo_term(data) and not reads_photo_term(dataclasses.replace(data, paths=None))
+    assert lexical_of(fitted.vocabulary, data, False)[:, photo_row].nnz == 0
+    photos = lexical_of(fitted.vocabulary, data, True)[:, photo_row].toarray().ravel()
     assert photos.tolist() == (0.5 * data.inputs.image_present).tolist()
+    # Photos on (almost) every row, or on none: nothing for the term to tell.
+    for present in (np.ones(len(data.labels)), np.zeros(len(data.labels))):
+        inputs = dataclasses.replace(data.inputs, image_present=present.astype(np.float32))
+        assert not reads_photo_term(dataclasses.replace(data, inputs=inputs))
     refitted = refit_linear(fitted, data)
     top, _ = refitted.parts
     assert not top.model.get_layer("linear").get_weights()[0][photo_row].any()

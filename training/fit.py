@@ -125,7 +125,8 @@ class TrainParams:
             # The name again, as blocks of its own at half weight: +0.04 macro-F1 on
             # Best Buy, where long descriptions drown the name (docs/training.md).
             name_weight=0.5,
-            # Rows with a usable photo get one more term, read by the path part only:
+            # Rows with a usable photo get one more term, read by the path part only
+            # (and where photos are neither rare nor near universal: reads_photo_term).
             # Best Buy shelved photo rows differently (hF +0.3 over 3 splits, the top
             # level unchanged; docs/training.md, "Whether a product has a photo").
             photo_weight=0.5,
@@ -230,27 +231,35 @@ def lexical_matrix(
     )
 
 
+# Rows with a photo, and rows without one, the photo term needs each to be of a set.
+PHOTO_TERM_MIN_SHARE = 0.05
+
+
 def reads_photo_term(data: TrainingData) -> bool:
     """Whether a linear part fitted on ``data`` reads the photo term: only a path part,
-    one whose labels go below the top level. On the top level it cost Best Buy's
-    macro-F1 0.1-0.6 points on each of 3 splits; on the paths it gained hF
-    (docs/training.md, "Whether a product has a photo")."""
-    return data.paths is not None and any(len(path_parts(p)) > 1 for p in data.paths)
+    one whose labels go below the top level, and only where both kinds of row are
+    common. On the top level it cost Best Buy's macro-F1 0.1-0.6 points on each of 3
+    splits; on the paths it gained hF. With photos on all but a few rows (Flipkart: 2
+    of 840 without) the term mostly picks out those rows: hF fell 0.8 points on one
+    split of 3 (docs/training.md, "Whether a product has a photo")."""
+    if data.paths is None or all(len(path_parts(p)) == 1 for p in data.paths):
+        return False
+    share = float(np.mean(data.inputs.image_present > 0))
+    return PHOTO_TERM_MIN_SHARE <= share <= 1 - PHOTO_TERM_MIN_SHARE
 
 
-def lexical_of(vocabulary: LexicalVocabulary, data: TrainingData):
-    """``lexical_matrix`` of a set: its texts, names, and photo flags where it reads them."""
+def lexical_of(vocabulary: LexicalVocabulary, data: TrainingData, photos: bool):
+    """``lexical_matrix`` of a set: its texts and names, and its photo flags when
+    ``photos`` (``reads_photo_term`` of the whole fit's rows), else none."""
     inputs = data.inputs
-    photos = inputs.image_present
-    if not reads_photo_term(data):
-        photos = np.zeros_like(photos)
-    return lexical_matrix(vocabulary, inputs.texts, inputs.names, photos)
+    flags = inputs.image_present if photos else np.zeros_like(inputs.image_present)
+    return lexical_matrix(vocabulary, inputs.texts, inputs.names, flags)
 
 
-def without_photo_term(linear: LinearModel, vocabulary: LexicalVocabulary, data: TrainingData):
-    """``linear`` with the photo term's row zeroed where ``data`` does not read it: it was
+def without_photo_term(linear: LinearModel, vocabulary: LexicalVocabulary, photos: bool):
+    """``linear`` with the photo term's row zeroed unless it read ``photos``: it was
     fitted on a zero column, and served rows carry the term."""
-    if vocabulary.reads_photos and not reads_photo_term(data):
+    if vocabulary.reads_photos and not photos:
         coef = linear.coef.copy()
         coef[vocabulary.photo_id] = 0
         linear = dataclasses.replace(linear, coef=coef)
@@ -635,9 +644,10 @@ def _fit_one(
     val_probs = np.asarray(model.predict(val_feeds, batch_size=1024, verbose=0))
     weight = 0.0
     if params.linear_c is not None and vocabulary is not None:
+        photos = reads_photo_term(data)
         x_train, x_val = (
-            lexical_of(vocabulary, train),
-            lexical_of(vocabulary, val),
+            lexical_of(vocabulary, train, photos),
+            lexical_of(vocabulary, val, photos),
         )
         linear, estimator = fit_linear(
             x_train, y[split.train], len(labels), params.linear_c, rank=params.linear_rank,
@@ -649,7 +659,7 @@ def _fit_one(
         val_probs = weight * linear_val + (1 - weight) * val_probs
         y_rest = np.concatenate([y[split.train], y[split.val]])
         linear, estimator = fit_linear(
-            lexical_of(vocabulary, rest),
+            lexical_of(vocabulary, rest, photos),
             y_rest,
             len(labels),
             params.linear_c,
@@ -658,7 +668,7 @@ def _fit_one(
             class_weight=class_weights(y_rest, len(labels), "balanced", roots, True),
             exact_classes=params.linear_exact_classes,
         )
-        linear = without_photo_term(linear, vocabulary, data)
+        linear = without_photo_term(linear, vocabulary, photos)
         network, model = model, build_ensemble(model, linear.coef, linear.bias, weight, linear.proj)
         log.info("linear model share %.2f", weight)
         seconds = time.perf_counter() - started
@@ -697,8 +707,9 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
     if "lex_ids" not in {t.name for t in fitted.network.inputs}:
         vocabulary = fit_vocabulary(data.inputs.texts, vocabulary.params, data.inputs.names)
         warm = None  # other columns: nothing to start from
+    photos = reads_photo_term(data)
     linear, estimator = fit_linear(
-        lexical_of(vocabulary, data),
+        lexical_of(vocabulary, data, photos),
         y,
         len(fitted.labels),
         float(fitted.linear_estimator.C),
@@ -709,7 +720,7 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
         ),
         exact_classes=fitted.linear_exact_classes,
     )
-    linear = without_photo_term(linear, vocabulary, data)
+    linear = without_photo_term(linear, vocabulary, photos)
     model = build_ensemble(
         fitted.network, linear.coef, linear.bias, fitted.linear_weight, linear.proj
     )
