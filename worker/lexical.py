@@ -214,15 +214,18 @@ class LexicalVocabulary:
         n = len(lengths)
         row = np.repeat(np.arange(n), lengths)
         w = self._normalized(ids, w, row, n)
-        if has_photo is not None:
-            ids, w, row, lengths = self._with_photo_term(ids, w, row, lengths, has_photo)
-        width = max(1, int(lengths.max(initial=0)))
+        # The photo term, outside the norms, takes the slot after its row's last term.
+        slots = lengths if has_photo is None else lengths + has_photo
+        width = max(1, int(slots.max(initial=0)))
         offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         position = np.arange(len(ids)) - offsets[row]
         out_ids = np.full((n, width), PAD_ID, dtype=np.int64)
         out_w = np.zeros((n, width), dtype=np.float32)
         out_ids[row, position] = ids
         out_w[row, position] = w
+        if has_photo is not None:
+            out_ids[has_photo, lengths[has_photo]] = self.photo_id
+            out_w[has_photo, lengths[has_photo]] = self.params.photo_weight
         return out_ids, out_w
 
     def _photo_rows(self, photos, n: int) -> np.ndarray | None:
@@ -237,18 +240,6 @@ class LexicalVocabulary:
         if len(has) != n:
             raise ValueError(f"lexical features: {n} texts but {len(has)} photo flags")
         return has
-
-    def _with_photo_term(self, ids, w, row, lengths, has_photo):
-        """The flat arrays with PHOTO_TERM appended to each row in ``has_photo``."""
-        extra = np.flatnonzero(has_photo)
-        photo_id = self.photo_id
-        row = np.concatenate([row, extra])
-        # Stable: each row's own terms keep their order, the photo term comes last.
-        order = np.argsort(row, kind="stable")
-        ids = np.concatenate([ids, np.full(len(extra), photo_id, dtype=ids.dtype)])[order]
-        weight = np.full(len(extra), self.params.photo_weight, dtype=np.float32)
-        w = np.concatenate([w, weight])[order]
-        return ids, w, row[order], lengths + has_photo
 
     def _weighted(
         self, row_ids: list[list[int]], row_tf: list[list[int]]
