@@ -8,7 +8,8 @@ For each seed, one split that copies the hidden held-out part
   one class, argmax path);
 - the path part's logistic regression over the artifact's lexical bag, its class
   weights balanced per ``root`` (each path weighing as its top-level category) or per
-  ``path`` (as the baseline), its table whole (``full``) or factored to rank 64;
+  ``path`` (as the baseline), its table whole (``full``) or factored to each rank of
+  ``--ranks`` (64 unless told: the factored rank up to 2026-12-07);
 - combined with a flat linear model on the top-level categories the way the served
   tree is (``training.fit.tree_probs``), and decoded three ways: the walk the worker
   used first (``walk``: from the most probable root to the most probable child while
@@ -48,8 +49,6 @@ from shelver.training.hierarchy import hierarchical_metrics
 from shelver.worker.inputs import ModelInputs
 from shelver.worker.lexical import fit_vocabulary
 from shelver.worker.tree import LabelTree, path_parts
-
-RANK = 64
 
 
 def text_only(dataset: str) -> TrainingData:
@@ -95,7 +94,7 @@ def decoded(tree: LabelTree, labels: list[str], probs: np.ndarray) -> dict[str, 
     }
 
 
-def run(dataset: str, data: TrainingData, seed: int) -> dict:
+def run(dataset: str, data: TrainingData, seed: int, ranks: list[int]) -> dict:
     split = heldout_split(dataset, data, seed)
     rest = data.subset(np.concatenate([split.train, split.val]))
     test = data.subset(split.test)
@@ -129,8 +128,11 @@ def run(dataset: str, data: TrainingData, seed: int) -> dict:
     for balance in ("root", "path"):
         weights = class_weights(y, len(labels), "balanced", balanced_index(labels, balance), True)
         whole, _ = fit_linear(x_rest, y, len(labels), 10.0, class_weight=weights)
-        table, proj = factor(np.asarray(whole.coef, np.float32), RANK, x_rest)
-        for size, linear in (("full", whole), (str(RANK), LinearModel(table, whole.bias, proj))):
+        sizes = [("full", whole)]
+        for rank in ranks:
+            table, proj = factor(np.asarray(whole.coef, np.float32), rank, x_rest)
+            sizes.append((str(rank), LinearModel(table, whole.bias, proj)))
+        for size, linear in sizes:
             probs = tree_probs(top_probs, linear.predict_proba(x_test), membership)
             for decoder, predicted in decoded(tree, labels, probs).items():
                 score(f"{balance}/{size}/{decoder}", predicted)
@@ -141,11 +143,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=("bestbuy", "flipkart"))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ranks", default="64", help="e.g. 64,128")
     args = parser.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
     data = text_only(args.dataset)
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        results.append(run(args.dataset, data, seed))
+        results.append(run(args.dataset, data, seed, ranks))
         print(json.dumps(results[-1]), flush=True)
     print("mean hF over seeds:")
     for name in (k for k in results[0] if k not in ("dataset", "seed")):

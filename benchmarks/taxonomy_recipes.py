@@ -7,11 +7,12 @@ stratified; validation 15% of the rest; ``train_recipes.heldout_split``), then:
 - ``path_baseline``: the issue's reference, TF-IDF + logistic regression with each full
   path as one class (training/baseline.py on the paths), its argmax path;
 - ``flat``: today's default model on top-level labels (top-level figures only);
-- ``tree`` (rank r / full): the default recipe trained on every labeled path
-  (``TrainParams(linear_rank=r)``), scored through ``worker.tree``: the leaf candidate
-  for hF and the levels, the roots for top-level macro-F1, and backoff at the per-level
-  thresholds chosen on validation for precision 0.97 (precision and coverage of the
-  accepted nodes per level, share left for review).
+- ``tree`` (rank r / full): the default recipe trained on every labeled path, its
+  linear table factored to rank r or kept whole (``TrainParams(linear_exact_rank=r)``;
+  these sets have fewer paths than ``linear_exact_classes``), scored through
+  ``worker.tree``: the leaf candidate for hF and the levels, the roots for top-level
+  macro-F1, and backoff at the per-level thresholds chosen on validation for precision
+  0.97 (precision and coverage of the accepted nodes per level, share left for review).
 
 Embeddings come from ``train_recipes``' cache (SHELVER_BENCH_CACHE).
 
@@ -79,7 +80,7 @@ def score_tree(data: TrainingData, split, params: TrainParams, save: Path | None
     tops = [tree.root_names[k] for k in tree.root_probs(probs).argmax(axis=1)]
     scores = hierarchical_metrics(test.paths, backoff.pop("candidates"))
     backoff.pop("accepted")
-    size = fitted.vocabulary.size * (params.linear_rank or len(fitted.labels))
+    size = fitted.vocabulary.size * (params.linear_exact_rank or len(fitted.labels))
     return {
         "hF": scores["hierarchical"]["f1"],
         "levels": {k: v["accuracy"] for k, v in scores["levels"].items()},
@@ -145,7 +146,9 @@ def main() -> None:
                 args.ranks.split(","), args.balance.split(","), photo_weights
             ):
                 params = TrainParams(
-                    seed=seed, linear_rank=None if rank == "full" else int(rank), balance=balance
+                    seed=seed,
+                    linear_exact_rank=None if rank == "full" else int(rank),
+                    balance=balance,
                 )
                 recipe = f"tree_rank_{rank}_{balance}"
                 if photo is not None:

@@ -537,7 +537,7 @@ def test_factored_linear_model_keeps_its_probabilities_and_its_graph():
     whole, _ = fit_linear(features, y, num_classes=3, c=10.0)
     # Centred over the classes, 3 classes' weights have rank 2: factoring loses nothing
     # but the two tables' half-precision rounding (TABLE_DTYPE), about 1e-4 here.
-    factored, _ = fit_linear(features, y, num_classes=3, c=10.0, rank=2)
+    factored, _ = fit_linear(features, y, num_classes=3, c=10.0, exact_rank=2)
     assert factored.coef.shape == (vocab.size, 2) and factored.proj.shape == (2, 3)
     np.testing.assert_allclose(
         factored.predict_proba(features), whole.predict_proba(features), atol=5e-4
@@ -557,7 +557,7 @@ def test_training_on_paths_scores_the_tree_and_keeps_top_level_figures(tmp_path)
     params = TrainParams(
         epochs=2,
         batch_size=32,
-        linear_rank=4,  # below the 5 labels: the factored linear part is what serves
+        linear_exact_rank=4,  # below the 5 labels: the factored linear part is what serves
         lexical=dataclasses.replace(TrainParams().lexical, max_terms=2000),
         target_precision=0.6,
     )

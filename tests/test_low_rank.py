@@ -36,9 +36,15 @@ def test_low_rank_factors_are_learned_directly_and_classify():
     probs = linear.predict_proba(x)
     assert (probs.argmax(axis=1) == y).mean() > 0.95
     assert probs[:, 12].max() < 1e-6
-    # Below the switch the same call is the exact fit, factored afterwards.
-    _, exact = fit_linear(x, y, 13, c=10.0, rank=4, class_weight={}, exact_classes=13)
+    # At or below the switch the same call is the exact fit: whole, or factored
+    # afterwards to ``exact_rank``.
+    whole, exact = fit_linear(x, y, 13, c=10.0, rank=4, class_weight={}, exact_classes=13)
     assert not isinstance(exact, LowRankEstimator)
+    assert whole.coef.shape == (x.shape[1], 13) and whole.proj is None
+    factored, _ = fit_linear(
+        x, y, 13, c=10.0, rank=4, class_weight={}, exact_classes=13, exact_rank=6
+    )
+    assert factored.coef.shape == (x.shape[1], 6) and factored.proj.shape == (6, 13)
 
 
 def test_low_rank_warm_start_starts_from_the_earlier_factors():

@@ -90,16 +90,19 @@ class TrainParams:
     # hundred rows picked badly (0.5-1.0 from seed to seed), while a share of 0.8 was
     # at or near the best on test for every dataset and seed (docs/training.md).
     linear_weights: tuple[float, ...] = (0.8,)
-    # Above this many classes the linear part's (vocabulary x classes) weights are
-    # factored to this rank: the artifact then grows with the vocabulary only
-    # (docs/training.md, "Labels at any depth"). None keeps them whole.
+    # Above ``linear_exact_classes`` classes the linear part's (vocabulary x classes)
+    # weights are learned as factors of this rank (``fit_low_rank``: bag -> rank ->
+    # classes, trained by gradient descent) instead of a whole logistic regression,
+    # whose memory and time grow with vocabulary x classes: the artifact then grows
+    # with the vocabulary only (docs/training.md, "Cost at 5,000 categories"). None
+    # fits every table whole.
     linear_rank: int | None = 64
-    # Above this many classes the factors are learned directly (``fit_low_rank``:
-    # bag -> rank -> classes, trained by gradient descent) instead of a whole
-    # (vocabulary x classes) logistic regression factored afterwards, whose memory and
-    # time grow with vocabulary x classes (docs/training.md, "Cost at 5,000
-    # categories"). At or below it, with ``linear_rank``, the exact fit is factored.
     linear_exact_classes: int = 256
+    # At or below ``linear_exact_classes``, the exact fit's table is factored afterwards
+    # (``factor``) to this rank when it has more classes; None keeps it whole. 128 since
+    # 2026-12-07 (64 before): Flipkart's 136 paths gained 0.7 points of hF on each of 3
+    # splits, Best Buy's 147 stayed level (docs/training.md, "The path part's rank").
+    linear_exact_rank: int | None = 128
     modality_dropout: float = 0.3
     label_smoothing: float = 0.0
     # "balanced" (n / (K * count)), "sqrt" (its square root: softer on 300:1 imbalance)
@@ -165,6 +168,7 @@ class FittedModel:
     linear_estimator: object = None
     linear_rank: int | None = None
     linear_exact_classes: int | None = None
+    linear_exact_rank: int | None = None
     # A tree model's two fits (``fit_model``): the top level's and the paths'.
     parts: tuple[FittedModel, FittedModel] | None = None
     # ``TrainParams.balance`` as fitted (``refit_linear`` weighs the same way).
@@ -396,13 +400,16 @@ def fit_linear(
     rank: int | None = None,
     class_weight: dict[int, float] | str = "balanced",
     exact_classes: int | None = None,
+    exact_rank: int | None = None,
 ):
     """Balanced multinomial logistic regression, as the baseline (C, class weights).
 
     Pass the ``estimator`` of an earlier call to start from its solution (a refit on
-    more rows then converges in a fraction of the iterations). With ``rank`` below the
-    number of classes the weights are factored (``factor``) so the artifact does not
-    grow with vocabulary x classes. Returns the arrays and the estimator.
+    more rows then converges in a fraction of the iterations). Above ``exact_classes``
+    classes, with a ``rank``, the weights are learned as factors of that rank
+    (``fit_low_rank``); otherwise the whole fit is factored (``factor``) to
+    ``exact_rank`` when that is below the number of classes, and kept whole when not.
+    Returns the arrays and the estimator.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -439,8 +446,8 @@ def fit_linear(
     full_bias = np.full(num_classes, float(bias.min()) - 30.0, dtype=np.float32)
     full_coef[:, classes] = coef.T
     full_bias[classes] = bias
-    if rank is not None and rank < num_classes:
-        table, proj = factor(full_coef, rank, features)
+    if exact_rank is not None and exact_rank < num_classes:
+        table, proj = factor(full_coef, exact_rank, features)
         return LinearModel(coef=table, bias=full_bias, proj=proj), estimator
     return LinearModel(coef=full_coef, bias=full_bias), estimator
 
@@ -652,7 +659,7 @@ def _fit_one(
         linear, estimator = fit_linear(
             x_train, y[split.train], len(labels), params.linear_c, rank=params.linear_rank,
             class_weight=class_weights(y[split.train], len(labels), "balanced", roots, True),
-            exact_classes=params.linear_exact_classes,
+            exact_classes=params.linear_exact_classes, exact_rank=params.linear_exact_rank,
         )  # fmt: skip
         linear_val = linear.predict_proba(x_val)
         weight = choose_linear_weight(y[split.val], linear_val, val_probs, params.linear_weights)
@@ -667,6 +674,7 @@ def _fit_one(
             rank=params.linear_rank,
             class_weight=class_weights(y_rest, len(labels), "balanced", roots, True),
             exact_classes=params.linear_exact_classes,
+            exact_rank=params.linear_exact_rank,
         )
         linear = without_photo_term(linear, vocabulary, photos)
         network, model = model, build_ensemble(model, linear.coef, linear.bias, weight, linear.proj)
@@ -674,7 +682,8 @@ def _fit_one(
         seconds = time.perf_counter() - started
         return FittedModel(
             model, labels, vocabulary, hist, seconds, val_probs, weight, network, estimator,
-            params.linear_rank, params.linear_exact_classes, balance=params.balance,
+            params.linear_rank, params.linear_exact_classes, params.linear_exact_rank,
+            balance=params.balance,
         )  # fmt: skip
     seconds = time.perf_counter() - started
     if not neural_lexical:
@@ -719,6 +728,7 @@ def refit_linear(fitted: FittedModel, data: TrainingData) -> FittedModel:
             y, len(fitted.labels), "balanced", balanced_index(fitted.labels, fitted.balance), True
         ),
         exact_classes=fitted.linear_exact_classes,
+        exact_rank=fitted.linear_exact_rank,
     )
     linear = without_photo_term(linear, vocabulary, photos)
     model = build_ensemble(
