@@ -91,7 +91,6 @@ def build_default_model(data: Path, target: Path = BUNDLE_DIR) -> Path:
     from shelver.catalog.importer import import_file
     from shelver.catalog.migrate import upgrade
     from shelver.catalog.settings import get_settings, sqlalchemy_url
-    from shelver.training.fit import TrainParams
     from shelver.training.pipeline import train_and_register
     from shelver.worker.encoders import EncoderUnavailable, load_encoders
 
@@ -118,12 +117,7 @@ def build_default_model(data: Path, target: Path = BUNDLE_DIR) -> Path:
                 "data_dir": Path(tmp) / "var",
             }
         )
-        # The bundle lives in git, so every rebuild adds its artifact to the history:
-        # its linear table stays at rank 64 (a 23 MB artifact), as before 2026-12-07.
-        # ``shelver train`` now factors to 128 (``TrainParams.linear_exact_rank``),
-        # which gained on Flipkart's paths but not on Best Buy's, this bundle's data.
-        params = TrainParams(target_precision=settings.target_precision, linear_exact_rank=64)
-        outcome = train_and_register(engine, run_settings, promote="force", params=params)
+        outcome = train_and_register(engine, run_settings, promote="force")
         card = bundle(engine, outcome.model.version, target, source=str(data))
         engine.dispose()
     return card

@@ -99,10 +99,11 @@ class TrainParams:
     linear_rank: int | None = 64
     linear_exact_classes: int = 256
     # At or below ``linear_exact_classes``, the exact fit's table is factored afterwards
-    # (``factor``) to this rank when it has more classes; None keeps it whole. 128 since
-    # 2026-12-07 (64 before): Flipkart's 136 paths gained 0.7 points of hF on each of 3
-    # splits, Best Buy's 147 stayed level (docs/training.md, "The path part's rank").
-    linear_exact_rank: int | None = 128
+    # (``factor``) to this rank when it has more classes; None keeps it whole. At 128
+    # (whole, for them) Flipkart's 136 paths gained 0.7 points of hF on each of 3
+    # splits, but Best Buy's 147 stayed level and lost every accept below level 2 on
+    # two splits (docs/training.md, "The path part's rank"), so 64 stays.
+    linear_exact_rank: int | None = 64
     modality_dropout: float = 0.3
     label_smoothing: float = 0.0
     # "balanced" (n / (K * count)), "sqrt" (its square root: softer on 300:1 imbalance)
