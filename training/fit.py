@@ -95,7 +95,8 @@ class TrainParams:
     # classes, trained by gradient descent) instead of a whole logistic regression,
     # whose memory and time grow with vocabulary x classes: the artifact then grows
     # with the vocabulary only (docs/training.md, "Cost at 5,000 categories"). None
-    # fits every table whole.
+    # fits the exact regression at any number of classes (``linear_exact_rank`` still
+    # applies to it).
     linear_rank: int | None = 64
     linear_exact_classes: int = 256
     # At or below ``linear_exact_classes``, the exact fit's table is factored afterwards
