@@ -80,14 +80,16 @@ def score_tree(data: TrainingData, split, params: TrainParams, save: Path | None
     tops = [tree.root_names[k] for k in tree.root_probs(probs).argmax(axis=1)]
     scores = hierarchical_metrics(test.paths, backoff.pop("candidates"))
     backoff.pop("accepted")
-    size = fitted.vocabulary.size * (params.linear_exact_rank or len(fitted.labels))
+    classes = len(fitted.labels)
+    # A rank at or above the number of classes keeps the table whole (fit_linear).
+    size = fitted.vocabulary.size * min(params.linear_exact_rank or classes, classes)
     return {
         "hF": scores["hierarchical"]["f1"],
         "levels": {k: v["accuracy"] for k, v in scores["levels"].items()},
         "top_macro_f1": top_macro_f1(test.labels, tops),
         "backoff": backoff,
         "thresholds": thresholds,
-        "classes": len(fitted.labels),
+        "classes": classes,
         "linear_table_floats": size,
         "fit_s": seconds,
     }
