@@ -80,17 +80,17 @@ def score_tree(data: TrainingData, split, params: TrainParams, save: Path | None
     tops = [tree.root_names[k] for k in tree.root_probs(probs).argmax(axis=1)]
     scores = hierarchical_metrics(test.paths, backoff.pop("candidates"))
     backoff.pop("accepted")
-    classes = len(fitted.labels)
-    # A rank at or above the number of classes keeps the table whole (fit_linear).
-    size = fitted.vocabulary.size * min(params.linear_exact_rank or classes, classes)
+    # The path part's table as fitted (vocabulary x rank, or x classes when kept whole),
+    # rather than fit_linear's choice of shape worked out again here.
+    table = fitted.parts[1].model.get_layer("linear").weights[0]
     return {
         "hF": scores["hierarchical"]["f1"],
         "levels": {k: v["accuracy"] for k, v in scores["levels"].items()},
         "top_macro_f1": top_macro_f1(test.labels, tops),
         "backoff": backoff,
         "thresholds": thresholds,
-        "classes": classes,
-        "linear_table_floats": size,
+        "classes": len(fitted.labels),
+        "linear_table_floats": int(np.prod(table.shape)),
         "fit_s": seconds,
     }
 
