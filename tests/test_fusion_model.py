@@ -28,6 +28,7 @@ from shelver.training.export import check_parity, to_onnx
 from shelver.training.fit import (
     LinearModel,
     TrainParams,
+    _fit_one,
     balanced_index,
     choose_linear_weight,
     class_weights,
@@ -39,7 +40,9 @@ from shelver.training.fit import (
     refit_linear,
     split_for,
     train,
+    tree_key,
 )
+from shelver.training.hierarchy import hierarchical_metrics
 from shelver.training.holdout import score_model
 from shelver.training.model import ModelShape, build_ensemble, build_model
 from shelver.worker import fusion
@@ -558,6 +561,7 @@ def test_training_on_paths_scores_the_tree_and_keeps_top_level_figures(tmp_path)
         epochs=2,
         batch_size=32,
         linear_exact_rank=4,  # below the 5 labels: the factored linear part is what serves
+        linear_exact_rank_choices=(),
         lexical=dataclasses.replace(TrainParams().lexical, max_terms=2000),
         target_precision=0.6,
     )
@@ -600,6 +604,64 @@ def test_only_the_path_part_reads_the_photo_term():
     refitted = refit_linear(fitted, data)
     top, _ = refitted.parts
     assert not top.model.get_layer("linear").get_weights()[0][photo_row].any()
+
+
+def test_the_path_part_takes_the_rank_whose_validation_key_is_largest():
+    data = with_paths(synthetic())
+    params = TrainParams(
+        epochs=1,
+        batch_size=32,
+        linear_exact_rank=2,
+        linear_exact_rank_choices=(3, 2, 4),
+        lexical=dataclasses.replace(TrainParams().lexical, max_terms=2000),
+    )
+    split = split_for(data, params)
+    top = fit_model(dataclasses.replace(data, paths=None), split, params)
+    for keys, chosen in (([(1, 0.5), (2, 0.1), (2, 0.3)], 4), ([(2, 0.5), (2, 0.5), (1, 0.9)], 2)):
+        seen = []
+
+        def key(labels, probs, keys=keys, seen=seen):
+            seen.append(probs)
+            return keys[len(seen) - 1]
+
+        fitted = _fit_one(data, split, params, rank_key=key)
+        # The default first, each rank once; the chosen one's mix is what thresholds see.
+        assert len(seen) == 3 and fitted.linear_exact_rank == chosen
+        np.testing.assert_array_equal(fitted.val_probs, seen[[2, 3, 4].index(chosen)])
+        table = fitted.model.get_layer("linear").weights[0]
+        assert tuple(table.shape) == (fitted.vocabulary.size, chosen)
+        # The served refit keeps it.
+        refitted = refit_linear(fitted, data)
+        assert tuple(refitted.model.get_layer("linear").weights[0].shape)[1] == chosen
+    # Without a key (the top level, a flat model) nothing is chosen.
+    assert top.linear_exact_rank == 2
+    # fit_model gives the path part tree_key, and the top level the default.
+    tree = fit_model(data, split, params)
+    assert tree.parts[0].linear_exact_rank == 2 and tree.parts[1].linear_exact_rank in (2, 3, 4)
+
+
+def test_tree_key_puts_an_accepted_deep_level_before_hf():
+    labels = ["A", "A > x", "A > y", "B"]
+    truth = ["A > x", "A > x", "A > y", "B"]
+    params = TrainParams(target_precision=0.97, threshold_deep_z=0.0)
+    deep = np.array(
+        [
+            [0.0, 0.9, 0.1, 0.0],  # right at both levels
+            [0.0, 0.8, 0.1, 0.1],  # right
+            [0.0, 0.35, 0.25, 0.4],  # A > x at 0.35: wrong at level 2, and unsure
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    # The surest level-2 answer wrong: no threshold there shows 0.97 precision.
+    shallow = deep.copy()
+    shallow[0] = [0.0, 0.05, 0.95, 0.0]
+    shallow[2] = [0.0, 0.0, 0.6, 0.4]
+    candidates = ["A > x", "A > x", "A > x", "B"]
+    hf = hierarchical_metrics(truth, candidates)["hierarchical"]["f1"]
+    assert tree_key(truth, deep, labels, params) == (2, pytest.approx(hf))
+    shallow_key = tree_key(truth, shallow, labels, params)
+    assert shallow_key[0] == 1 and shallow_key[1] == pytest.approx(hf)
+    assert tree_key(truth, deep, labels, params) > shallow_key
 
 
 def test_per_level_thresholds_on_a_flat_tree_are_the_flat_threshold():

@@ -105,6 +105,10 @@ class TrainParams:
     # splits, but Best Buy's 147 stayed level and lost every accept below level 2 on
     # two splits (docs/training.md, "The path part's rank"), so 64 stays.
     linear_exact_rank: int | None = 64
+    # Ranks the path part of a tree may take instead, when its validation rows show
+    # it better (``fit_model``, ``tree_key``): the same exact fit factored once per
+    # rank, no second network. Empty keeps ``linear_exact_rank``.
+    linear_exact_rank_choices: tuple[int, ...] = (128,)
     modality_dropout: float = 0.3
     label_smoothing: float = 0.0
     # "balanced" (n / (K * count)), "sqrt" (its square root: softer on 300:1 imbalance)
@@ -436,9 +440,16 @@ def fit_linear(
     else:
         estimator.set_params(warm_start=True)
     estimator.fit(features, y)
-    classes = estimator.classes_
-    if len(classes) < 2:
+    if len(estimator.classes_) < 2:
         raise ValueError("the linear model needs at least two classes in training")
+    return exact_linear(estimator, num_classes, exact_rank, features), estimator
+
+
+def exact_linear(estimator, num_classes: int, exact_rank: int | None, features) -> LinearModel:
+    """A fitted scikit-learn estimator's weights over all ``num_classes``, factored
+    (``factor``, keeping the logits of ``features``) to ``exact_rank`` when that is
+    below the number of classes, whole when not."""
+    classes = estimator.classes_
     coef, bias = estimator.coef_, estimator.intercept_
     if len(classes) == 2:
         # Binary: scikit-learn keeps one logit z; softmax([-z/2, z/2]) == sigmoid(z).
@@ -450,8 +461,8 @@ def fit_linear(
     full_bias[classes] = bias
     if exact_rank is not None and exact_rank < num_classes:
         table, proj = factor(full_coef, exact_rank, features)
-        return LinearModel(coef=table, bias=full_bias, proj=proj), estimator
-    return LinearModel(coef=full_coef, bias=full_bias), estimator
+        return LinearModel(coef=table, bias=full_bias, proj=proj)
+    return LinearModel(coef=full_coef, bias=full_bias)
 
 
 def choose_linear_weight(
@@ -521,8 +532,38 @@ def fit_model(
     top = _fit_one(
         dataclasses.replace(data, paths=None, labels=top_levels(data)), split, params, on_epoch
     )
-    paths = _fit_one(data, split, params, on_epoch)
+    val_paths = model_labels(data.subset(split.val))
+
+    def key(labels: list[str], path_val_probs: np.ndarray) -> tuple[int, float]:
+        membership = root_membership(labels, top.labels)
+        probs = tree_probs(top.val_probs, path_val_probs, membership)
+        return tree_key(val_paths, probs, labels, params)
+
+    paths = _fit_one(data, split, params, on_epoch, rank_key=key)
     return join_tree(top, paths)
+
+
+def tree_key(
+    true_paths: list[str], probs: np.ndarray, labels: list[str], params: TrainParams
+) -> tuple[int, float]:
+    """How good a tree's validation probabilities are, for choosing the path part's
+    rank: first the deepest level the thresholds ``train`` would choose on them accept
+    any row at (a rank that makes the deep levels unprovable at the target precision
+    loses them in service), then the leaf candidates' hF."""
+    thresholds = choose_level_thresholds(
+        true_paths,
+        probs,
+        labels,
+        params.target_precision,
+        class_balanced=params.threshold_class_balanced,
+        deep_z=params.threshold_deep_z,
+    )
+    backoff = backoff_metrics(true_paths, probs, labels, thresholds)
+    depth = max(
+        (int(level) for level, v in backoff["levels"].items() if v["coverage"] > 0), default=0
+    )
+    hf = hierarchical_metrics(true_paths, backoff["candidates"])["hierarchical"]["f1"]
+    return depth, float(hf)
 
 
 def join_tree(top: FittedModel, paths: FittedModel) -> FittedModel:
@@ -562,6 +603,7 @@ def _fit_one(
     split: Split,
     params: TrainParams,
     on_epoch: Callable[[int, int], None] | None = None,
+    rank_key: Callable[[list[str], np.ndarray], tuple] | None = None,
 ) -> FittedModel:
     """Fit on ``split.train``, early-stop and schedule the LR on ``split.val``.
 
@@ -569,7 +611,10 @@ def _fit_one(
     its share of the mix on ``split.val`` (when ``params.linear_weights`` offers more
     than one), refit it on train + validation (like the baseline, which has no early
     stopping either) and return the mix as one model. The returned ``val_probs`` mix
-    the train-only fit, so the threshold is chosen on rows no part has seen.
+    the train-only fit, so the threshold is chosen on rows no part has seen. With
+    ``rank_key`` (labels, validation probabilities -> a key, larger is better) and an
+    exact linear fit, its table takes the rank among ``linear_exact_rank`` and
+    ``linear_exact_rank_choices`` whose mix has the largest key (ties: the first).
     ``on_epoch(done, most)`` is called after each epoch (for progress bars).
     """
     import keras
@@ -663,9 +708,27 @@ def _fit_one(
             class_weight=class_weights(y[split.train], len(labels), "balanced", roots, True),
             exact_classes=params.linear_exact_classes, exact_rank=params.linear_exact_rank,
         )  # fmt: skip
-        linear_val = linear.predict_proba(x_val)
-        weight = choose_linear_weight(y[split.val], linear_val, val_probs, params.linear_weights)
-        val_probs = weight * linear_val + (1 - weight) * val_probs
+        exact_rank = params.linear_exact_rank
+        ranks = [exact_rank, *(r for r in params.linear_exact_rank_choices if r != exact_rank)]
+        if rank_key is None or isinstance(estimator, LowRankEstimator):
+            ranks = ranks[:1]
+        candidates = []  # (rank, share of the linear part, validation mix)
+        for rank in ranks:
+            if rank != params.linear_exact_rank:
+                linear = exact_linear(estimator, len(labels), rank, x_train)
+            linear_val = linear.predict_proba(x_val)
+            w = choose_linear_weight(y[split.val], linear_val, val_probs, params.linear_weights)
+            candidates.append((rank, w, w * linear_val + (1 - w) * val_probs))
+        chosen = 0
+        if len(candidates) > 1:
+            keys = [rank_key(labels, mixed) for _, _, mixed in candidates]
+            chosen = max(range(len(keys)), key=keys.__getitem__)  # the first on ties
+            log.info(
+                "path part's linear table at rank %s (validation depth, hF: %s)",
+                ranks[chosen],
+                "; ".join(f"rank {r}: {d}, {h:.4f}" for r, (d, h) in zip(ranks, keys, strict=True)),
+            )
+        exact_rank, weight, val_probs = candidates[chosen]
         y_rest = np.concatenate([y[split.train], y[split.val]])
         linear, estimator = fit_linear(
             lexical_of(vocabulary, rest, photos),
@@ -676,7 +739,7 @@ def _fit_one(
             rank=params.linear_rank,
             class_weight=class_weights(y_rest, len(labels), "balanced", roots, True),
             exact_classes=params.linear_exact_classes,
-            exact_rank=params.linear_exact_rank,
+            exact_rank=exact_rank,
         )
         linear = without_photo_term(linear, vocabulary, photos)
         network, model = model, build_ensemble(model, linear.coef, linear.bias, weight, linear.proj)
@@ -684,7 +747,7 @@ def _fit_one(
         seconds = time.perf_counter() - started
         return FittedModel(
             model, labels, vocabulary, hist, seconds, val_probs, weight, network, estimator,
-            params.linear_rank, params.linear_exact_classes, params.linear_exact_rank,
+            params.linear_rank, params.linear_exact_classes, exact_rank,
             balance=params.balance,
         )  # fmt: skip
     seconds = time.perf_counter() - started
