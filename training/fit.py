@@ -100,14 +100,14 @@ class TrainParams:
     linear_rank: int | None = 64
     linear_exact_classes: int = 256
     # At or below ``linear_exact_classes``, the exact fit's table is factored afterwards
-    # (``factor``) to this rank when it has more classes; None keeps it whole. At 128
-    # (whole, for them) Flipkart's 136 paths gained 0.7 points of hF on each of 3
-    # splits, but Best Buy's 147 stayed level and lost every accept below level 2 on
-    # two splits (docs/training.md, "The path part's rank"), so 64 stays.
+    # (``factor``) to this rank when it has more classes; None keeps it whole.
     linear_exact_rank: int | None = 64
     # Ranks the path part of a tree may take instead, when its validation rows show
     # it better (``fit_model``, ``tree_key``): the same exact fit factored once per
-    # rank, no second network. Empty keeps ``linear_exact_rank``.
+    # rank, no second network. Empty keeps ``linear_exact_rank``. At 128 (whole, for
+    # them) Flipkart's 136 paths gained 0.7 points of hF on each of 3 splits, but Best
+    # Buy's 147 stayed level and lost every accept below level 2 on two splits
+    # (docs/training.md, "The path part's rank"): no one rank suits both.
     linear_exact_rank_choices: tuple[int, ...] = (128,)
     modality_dropout: float = 0.3
     label_smoothing: float = 0.0
