@@ -38,8 +38,8 @@ from train_recipes import heldout_split, load, read_rows
 
 from shelver.training.baseline import fit_baseline
 from shelver.training.dataset import TrainingData
-from shelver.training.evaluate import backoff_metrics, choose_level_thresholds
-from shelver.training.fit import TrainParams, fit_model, predict_keras
+from shelver.training.evaluate import backoff_metrics
+from shelver.training.fit import TrainParams, fit_model, level_thresholds_for, predict_keras
 from shelver.training.hierarchy import hierarchical_metrics
 from shelver.worker.tree import LabelTree, path_parts
 
@@ -61,14 +61,7 @@ def score_tree(data: TrainingData, split, params: TrainParams, save: Path | None
     val, test = data.subset(split.val), data.subset(split.test)
     probs = predict_keras(fitted, test)
     tree = LabelTree(fitted.labels)
-    thresholds = choose_level_thresholds(
-        val.paths,
-        fitted.val_probs,
-        fitted.labels,
-        params.target_precision,
-        class_balanced=params.threshold_class_balanced,
-        deep_z=params.threshold_deep_z,
-    )
+    thresholds = level_thresholds_for(val.paths, fitted.val_probs, fitted.labels, params)
     if save is not None:
         # Decoders and threshold rules can then be compared on the same fits, offline.
         save.parent.mkdir(parents=True, exist_ok=True)

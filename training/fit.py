@@ -550,7 +550,20 @@ def tree_key(
     rank: first the deepest level the thresholds ``train`` would choose on them accept
     any row at (a rank that makes the deep levels unprovable at the target precision
     loses them in service), then the leaf candidates' hF."""
-    thresholds = choose_level_thresholds(
+    thresholds = level_thresholds_for(true_paths, probs, labels, params)
+    backoff = backoff_metrics(true_paths, probs, labels, thresholds)
+    depth = max(
+        (int(level) for level, v in backoff["levels"].items() if v["coverage"] > 0), default=0
+    )
+    hf = hierarchical_metrics(true_paths, backoff["candidates"])["hierarchical"]["f1"]
+    return depth, float(hf)
+
+
+def level_thresholds_for(
+    true_paths: list[str], probs: np.ndarray, labels: list[str], params: TrainParams
+) -> list[float]:
+    """The per-level auto-accept thresholds ``params`` asks for on these rows."""
+    return choose_level_thresholds(
         true_paths,
         probs,
         labels,
@@ -558,12 +571,6 @@ def tree_key(
         class_balanced=params.threshold_class_balanced,
         deep_z=params.threshold_deep_z,
     )
-    backoff = backoff_metrics(true_paths, probs, labels, thresholds)
-    depth = max(
-        (int(level) for level, v in backoff["levels"].items() if v["coverage"] > 0), default=0
-    )
-    hf = hierarchical_metrics(true_paths, backoff["candidates"])["hierarchical"]["f1"]
-    return depth, float(hf)
 
 
 def join_tree(top: FittedModel, paths: FittedModel) -> FittedModel:
@@ -907,14 +914,7 @@ def train(
     fitted = fit_model(data, split, params, on_epoch=on_epoch)
     val, test = data.subset(split.val), data.subset(split.test)
     val_probs = fitted.val_probs
-    level_thresholds = choose_level_thresholds(
-        model_labels(val),
-        val_probs,
-        fitted.labels,
-        params.target_precision,
-        class_balanced=params.threshold_class_balanced,
-        deep_z=params.threshold_deep_z,
-    )
+    level_thresholds = level_thresholds_for(model_labels(val), val_probs, fitted.labels, params)
     threshold = level_thresholds[0]
     log.info("thresholds per level: %s", ", ".join(f"{t:.3f}" for t in level_thresholds))
     # No auto-accept for a product unlike what its class was trained on (worker.open_set):
